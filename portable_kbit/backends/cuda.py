@@ -1,0 +1,94 @@
+"""NVIDIA CUDA, Jetson included. `torch.accelerator` where this torch has it, `torch.cuda` before (torch 2.5)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import psutil
+import torch
+
+from .base import AllocatorStats, Backend, MiB, accelerator_function, probe
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    default_chunk_bytes = 256 * MiB
+    unified_chunk_bytes = 64 * MiB
+
+    def why_unavailable(self) -> Optional[str]:
+        if getattr(torch.version, "hip", None):
+            return "this torch is a ROCm build; use device='rocm'"
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False (no NVIDIA GPU, or a CPU-only torch build)"
+        return None
+
+    def is_unified(self, device: torch.device) -> bool:
+        # Jetson (and AMD APUs on the ROCm backend) report is_integrated; present since torch 2.5.
+        try:
+            return bool(getattr(torch.cuda.get_device_properties(self._index(device)), "is_integrated", False))
+        except (RuntimeError, AssertionError):
+            return False
+
+    def allocator_stats(self, device: torch.device) -> AllocatorStats:
+        index = self._index(device)
+        allocated = probe(accelerator_function("memory_allocated"), index)
+        if allocated is None:
+            allocated = probe(torch.cuda.memory_allocated, index)
+        reserved = probe(accelerator_function("memory_reserved"), index)
+        if reserved is None:
+            reserved = probe(torch.cuda.memory_reserved, index)
+        peak_allocated = probe(accelerator_function("max_memory_allocated"), index)
+        if peak_allocated is None:
+            peak_allocated = probe(torch.cuda.max_memory_allocated, index)
+        peak_reserved = probe(accelerator_function("max_memory_reserved"), index)
+        if peak_reserved is None:
+            peak_reserved = probe(torch.cuda.max_memory_reserved, index)
+        free, total = self._memory_info(index)
+        notes: tuple[str, ...] = ()
+        if self.is_unified(device):
+            # cudaMemGetInfo on an integrated GPU reports roughly MemFree (page cache not counted): it under-reports.
+            virtual = psutil.virtual_memory()
+            free = int(virtual.available)
+            notes = ("unified memory: device_free is the host's MemAvailable (psutil), not cudaMemGetInfo",)
+        return AllocatorStats(allocated, reserved, peak_allocated, peak_reserved, free, total, notes)
+
+    def reset_peak(self, device: torch.device) -> None:
+        reset = accelerator_function("reset_peak_memory_stats")
+        try:
+            if reset is not None:
+                reset(self._index(device))
+            else:
+                torch.cuda.reset_peak_memory_stats(self._index(device))
+        except (RuntimeError, AssertionError):
+            pass
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(self._index(device))
+
+    def release(self, device: torch.device) -> None:
+        empty_cache = accelerator_function("empty_cache")
+        try:
+            if empty_cache is not None:
+                empty_cache()
+            else:
+                torch.cuda.empty_cache()
+        except RuntimeError:
+            torch.cuda.empty_cache()
+
+    def _memory_info(self, index: int) -> tuple[Optional[int], Optional[int]]:
+        for get_info in (accelerator_function("get_memory_info"), torch.cuda.mem_get_info):
+            if get_info is None:
+                continue
+            try:
+                free, total = get_info(index)
+                return int(free), int(total)
+            except (RuntimeError, AssertionError, TypeError):
+                continue
+        return None, None
+
+    @staticmethod
+    def _index(device: torch.device) -> int:
+        if device.index is not None:
+            return device.index
+        return torch.cuda.current_device()

@@ -1,0 +1,35 @@
+"""AMD ROCm (HIP). torch keeps the device type `cuda` on ROCm, so this reuses the CUDA allocator calls."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import AllocatorStats, MiB
+from .cuda import CudaBackend
+
+
+class RocmBackend(CudaBackend):
+    name = "rocm"
+    device_type = "cuda"
+    default_chunk_bytes = 256 * MiB
+    unified_chunk_bytes = 64 * MiB
+
+    def why_unavailable(self) -> Optional[str]:
+        if not getattr(torch.version, "hip", None):
+            return "this torch is not a ROCm build (torch.version.hip is None)"
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False on this ROCm build (no AMD GPU visible)"
+        return None
+
+    def allocator_stats(self, device: torch.device) -> AllocatorStats:
+        stats = super().allocator_stats(device)
+        if self.is_unified(device):
+            # APUs (Strix Halo, MI300A): HIP may report only the VRAM aperture or only GTT as total.
+            return AllocatorStats(
+                stats.allocated, stats.reserved, stats.peak_allocated, stats.peak_reserved,
+                stats.device_free, stats.device_total,
+                stats.notes + ("APU: device_total is what HIP reports, which may be only the VRAM aperture",),
+            )
+        return stats

@@ -1,0 +1,28 @@
+"""Exceptions raised by portable_kbit; all are raised before the model is changed (or after it was restored)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .backends import BackendUnavailableError
+
+MiB = 1 << 20
+
+
+class MemoryPressureError(RuntimeError):
+    """The planned casts do not fit in the memory measured free on the device; the model was not changed."""
+
+    def __init__(self, device: str, required: int, headroom: int, chunk_bytes: int, hint: Optional[str] = None):
+        self.device = device
+        self.required = required
+        self.headroom = headroom
+        self.chunk_bytes = chunk_bytes
+        message = (
+            f"prepare() needs {required / MiB:.1f} MiB on {device} but only {headroom / MiB:.1f} MiB is available "
+            f"(chunks of {chunk_bytes / MiB:.1f} MiB); the model was not changed. "
+            + (hint or "Free memory, use upcast='adjacent' or upcast='none', or pass a smaller chunk_bytes.")
+        )
+        super().__init__(message)
+
+
+__all__ = ["BackendUnavailableError", "MemoryPressureError"]

@@ -1,0 +1,398 @@
+"""Which parameters change: adapted modules -> the norms that feed them, modules_to_save, per upcast policy.
+
+Nothing here changes the model. The only forward pass is a short trace (two tokens, no grad) that finds which norm's
+output each adapted module consumes; it stops as soon as every kind of adapted module has been seen once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .quantized import quantization_kind
+
+POLICIES = ("adjacent", "norms", "none", "peft")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+TORCH_NORM_TYPES: tuple[type, ...] = tuple(
+    t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None
+)
+LAYER_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+@dataclasses.dataclass
+class ParamCast:
+    """One parameter to upcast: reversible, since fp16/bf16 -> fp32 -> back is exact."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    old_dtype: torch.dtype
+    new_dtype: torch.dtype
+    numel: int
+    device: torch.device
+
+    @property
+    def old_bytes(self) -> int:
+        return self.numel * _itemsize(self.old_dtype)
+
+    @property
+    def new_bytes(self) -> int:
+        return self.numel * _itemsize(self.new_dtype)
+
+
+@dataclasses.dataclass
+class AdapterSpec:
+    """Where adapters are (PeftModel) or will be (target_modules / LoraConfig / peft's defaults)."""
+
+    adapted: list[str]
+    modules_to_save: list[str]
+    source: str
+    peft_config: Any = None
+
+
+@dataclasses.dataclass
+class Plan:
+    policy: str
+    casts: list[ParamCast]
+    upcast_norms: dict[str, torch.dtype]  # norm module name -> its dtype before the upcast
+    adapter_spec: Optional[AdapterSpec]
+    quantized: dict[str, str]  # parameter name -> quantizer
+    already_fp32: list[str]
+    notes: list[str]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def is_norm(module: nn.Module) -> bool:
+    """torch's norm types, or a model's own norm class (LlamaRMSNorm, GemmaRMSNorm ...): only 1-D parameters."""
+    if isinstance(module, TORCH_NORM_TYPES):
+        return True
+    params = list(module.parameters(recurse=False))
+    has_children = any(True for _ in module.children())
+    return (
+        bool(params)
+        and not has_children
+        and all(p.dim() == 1 for p in params)
+        and "norm" in type(module).__name__.lower()
+    )
+
+
+def norm_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and is_norm(module)]
+
+
+# ---- where adapters go ---------------------------------------------------------------------------------------
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, _peft().PeftModel)
+
+
+def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that carry an adapter, by peft's own base class."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def adapter_submodules(model: nn.Module) -> set[int]:
+    """ids of the adapters' own modules (lora_A, lora_B ...): peft casts their inputs itself."""
+    ids: set[int] = set()
+    for layer in tuner_layers(model).values():
+        for attr in getattr(layer, "adapter_layer_names", ()):
+            container = getattr(layer, attr, None)
+            if isinstance(container, nn.Module):
+                ids.update(id(m) for m in container.modules())
+    return ids
+
+
+def modules_to_save_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _lora_config(target_modules: Any, model: nn.Module):
+    """A LoraConfig from a LoraConfig, names, a regex, or None (peft's defaults for the model type)."""
+    peft = _peft()
+    if isinstance(target_modules, peft.PeftConfig):
+        config = target_modules
+    else:
+        config = peft.LoraConfig(target_modules=target_modules)
+        if target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if defaults is None:
+                return None
+            config = peft.LoraConfig(target_modules=list(defaults))
+    include_all_linear = getattr(peft.tuners.tuners_utils, "_maybe_include_all_linear_layers", None)
+    if include_all_linear is not None and isinstance(config.target_modules, str):
+        config = include_all_linear(config, model)
+    return config
+
+
+def _matches_modules_to_save(name: str, modules_to_save: Iterable[str]) -> bool:
+    return any(name == key or name.endswith("." + key) for key in modules_to_save)
+
+
+def adapter_spec(model: nn.Module, target_modules: Any) -> Optional[AdapterSpec]:
+    """The adapted modules. None when nothing says where adapters go (no PeftModel, no targets, no peft default)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if is_peft_model(model):
+        adapted = sorted(tuner_layers(model))
+        to_save = sorted(modules_to_save_wrappers(model))
+        if target_modules is not None:
+            _check_consistent(model, adapted, target_modules)
+        return AdapterSpec(adapted, to_save, "PeftModel")
+
+    config = _lora_config(target_modules, model)
+    if config is None:
+        return None
+    candidates = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    adapted = [n for n, m in candidates if check_target_module_exists(config, n)]
+    if not adapted:
+        raise ValueError(_nothing_matched_message(config.target_modules, [n for n, _ in candidates]))
+    to_save = [n for n, _ in model.named_modules() if n and _matches_modules_to_save(n, config.modules_to_save or ())]
+    source = "peft defaults for model_type" if target_modules is None else "target_modules"
+    return AdapterSpec(adapted, to_save, source, config)
+
+
+def _nothing_matched_message(target_modules: Any, leaf_names: Sequence[str]) -> str:
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in leaf_names})
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w).rsplit(".", 1)[-1], suffixes, n=3)})
+    hint = f"closest module names: {', '.join(close)}" if close else f"module names here: {', '.join(suffixes[:20])}"
+    return (
+        f"target_modules={target_modules!r} matches no module of this model; {hint}. "
+        "Pass names that get_peft_model would match (e.g. ['q_proj', 'v_proj']), or a LoraConfig."
+    )
+
+
+def _check_consistent(model: nn.Module, adapted: list[str], target_modules: Any) -> None:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = _lora_config(target_modules, model.get_base_model())
+    prefix = "base_model.model."
+    wanted = {prefix + n for n, m in model.get_base_model().named_modules() if n and check_target_module_exists(config, n)}
+    wanted = {n for n in wanted if n in set(adapted) or not any(True for _ in model.get_submodule(n).children())}
+    if wanted != set(adapted):
+        extra = sorted(wanted - set(adapted))[:5]
+        missing = sorted(set(adapted) - wanted)[:5]
+        raise ValueError(
+            "target_modules disagrees with the adapters this PeftModel already has "
+            f"(named but not adapted: {extra}; adapted but not named: {missing}). "
+            "Leave target_modules=None for a PeftModel: its adapters say where they are."
+        )
+
+
+# ---- which norm feeds which adapted module ---------------------------------------------------------------------
+
+
+class _TraceDone(Exception):
+    """Raised inside the trace forward once every adapted-module pattern has been seen."""
+
+
+def layer_pattern(name: str) -> str:
+    return LAYER_INDEX.sub(".*", name)
+
+
+def _fill_pattern(pattern: str, indices: list[str]) -> Optional[str]:
+    parts = pattern.split(".*")
+    if len(parts) - 1 > len(indices):
+        return None
+    out = parts[0]
+    for index, part in zip(indices, parts[1:]):
+        out += "." + index + part
+    return out
+
+
+def _trace_input(model: nn.Module) -> dict[str, torch.Tensor]:
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.weight.shape[0]
+    ids = torch.tensor([[1, 2]], dtype=torch.long, device=embeddings.weight.device).clamp(max=vocab - 1)
+    return {"input_ids": ids}
+
+
+def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> dict[str, Optional[str]]:
+    """For each adapted module pattern (layer indices as *), the norm pattern whose output is its input, if any.
+
+    Runs the model on two tokens with hooks; norms' outputs are matched to adapted modules' inputs by storage.
+    """
+    modules = dict(model.named_modules())
+    wanted = {layer_pattern(n) for n in adapted}
+    feeding: dict[str, Optional[str]] = {}
+    norm_outputs: dict[int, str] = {}
+    keep_alive: list[torch.Tensor] = []
+    handles = []
+
+    def on_norm(name):
+        def hook(module, args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(tensor, torch.Tensor):
+                norm_outputs[tensor.untyped_storage().data_ptr()] = name
+                keep_alive.append(tensor)  # so its storage is not reused within the trace
+
+        return hook
+
+    def on_adapted(name):
+        def hook(module, args, kwargs):
+            pattern = layer_pattern(name)
+            if pattern in feeding:
+                return
+            tensor = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            norm = norm_outputs.get(tensor.untyped_storage().data_ptr()) if isinstance(tensor, torch.Tensor) else None
+            feeding[pattern] = layer_pattern(norm) if norm is not None else None
+            if wanted <= feeding.keys():
+                raise _TraceDone
+
+        return hook
+
+    runner = model.get_base_model() if is_peft_model(model) else model
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        for name in norms:
+            handles.append(modules[name].register_forward_hook(on_norm(name)))
+        for name in adapted:
+            handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            try:
+                runner(**_trace_input(runner), use_cache=False)
+            except _TraceDone:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in was_training.items():
+            module.training = training
+    return feeding
+
+
+def adjacent_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> tuple[list[str], list[str]]:
+    """Concrete norm names that feed the adapted modules, and notes on what could not be placed."""
+    feeding = trace_feeding_norms(model, adapted, norms)
+    norm_set = set(norms)
+    found: list[str] = []
+    notes: list[str] = []
+    unseen = sorted({layer_pattern(n) for n in adapted} - feeding.keys())
+    if unseen:
+        notes.append(f"not reached by the trace forward (no norm upcast for them): {unseen}")
+    for name in adapted:
+        norm_pattern = feeding.get(layer_pattern(name))
+        if norm_pattern is None:
+            continue
+        norm = _fill_pattern(norm_pattern, LAYER_INDEX.findall(name))
+        if norm in norm_set and norm not in found:
+            found.append(norm)
+    return found, notes
+
+
+# ---- the plan --------------------------------------------------------------------------------------------------
+
+
+def _param_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
+    """Work out every change prepare() will make, without making any."""
+    quantized = {name: kind for name, p in model.named_parameters() if (kind := quantization_kind(p)) is not None}
+    notes: list[str] = []
+    unknown = sorted({kind for kind in quantized.values() if kind.startswith("unknown")})
+    if unknown:
+        notes.append(f"treated as quantized and left untouched (quantizer not recognised): {unknown}")
+
+    # Other policies need adapters only for modules_to_save: peft's defaults add nothing there.
+    needs_spec = policy == "adjacent" or target_modules is not None or is_peft_model(model)
+    spec = adapter_spec(model, target_modules) if needs_spec else None
+    norms = norm_names(model)
+    upcast_norms: list[str] = []
+    if policy == "norms":
+        upcast_norms = norms
+    elif policy == "adjacent":
+        if spec is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            notes.append(
+                f"no adapter targets known for model_type {model_type!r}: every norm upcast. "
+                "Pass target_modules (or a PeftModel) to upcast only the norms next to adapted layers."
+            )
+            upcast_norms = norms
+        else:
+            try:
+                upcast_norms, trace_notes = adjacent_norms(model, spec.adapted, norms)
+                notes += trace_notes
+            except Exception as error:  # a model whose forward we cannot trace: refuse to guess small
+                notes.append(f"trace forward failed ({type(error).__name__}: {error}); every norm upcast instead")
+                upcast_norms = norms
+
+    names_to_cast: dict[str, None] = {}
+    if policy == "peft":
+        for name, p in model.named_parameters():
+            if name not in quantized and p.dtype in HALF_DTYPES:
+                names_to_cast[name] = None
+    for norm in upcast_norms:
+        for attr, p in model.get_submodule(norm).named_parameters(recurse=False):
+            names_to_cast[f"{norm}.{attr}"] = None
+    for module_name in _modules_to_save_targets(model, spec):
+        for attr, p in model.get_submodule(module_name).named_parameters():
+            names_to_cast[f"{module_name}.{attr}"] = None
+
+    casts: list[ParamCast] = []
+    already: list[str] = []
+    seen: set[int] = set()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in names_to_cast:
+        p = params[name]
+        if id(p) in seen or name in quantized:
+            continue
+        seen.add(id(p))
+        if p.dtype == torch.float32:
+            already.append(name)
+            continue
+        if p.dtype not in HALF_DTYPES:
+            continue
+        module, attr = _param_owner(model, name)
+        casts.append(ParamCast(name, module, attr, p.dtype, torch.float32, p.numel(), p.device))
+
+    norm_dtypes = {}
+    for norm in upcast_norms:
+        params_of_norm = list(model.get_submodule(norm).parameters(recurse=False))
+        original = next((c.old_dtype for c in casts if c.module is model.get_submodule(norm)), None)
+        norm_dtypes[norm] = original or _model_dtype(model, params_of_norm)
+    return Plan(policy, casts, norm_dtypes, spec, quantized, already, notes)
+
+
+def _modules_to_save_targets(model: nn.Module, spec: Optional[AdapterSpec]) -> list[str]:
+    """Modules trained in full: the trainable copies of a PeftModel, or what the LoraConfig names."""
+    if spec is None:
+        return []
+    if spec.source == "PeftModel":
+        names = []
+        for wrapper_name, wrapper in modules_to_save_wrappers(model).items():
+            for adapter in getattr(wrapper, "modules_to_save", {}):
+                names.append(f"{wrapper_name}.modules_to_save.{adapter}")
+        return names
+    return spec.modules_to_save
+
+
+def _model_dtype(model: nn.Module, fallback_params: list[nn.Parameter]) -> torch.dtype:
+    """The dtype activations flow in natively: the first half-precision unquantized weight, else the norm's own."""
+    for p in model.parameters():
+        if p.dtype in HALF_DTYPES and quantization_kind(p) is None:
+            return p.dtype
+    return fallback_params[0].dtype if fallback_params else torch.float32

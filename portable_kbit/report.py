@@ -1,0 +1,96 @@
+"""PrepReport: what one prepare() call did and what it cost."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+from .memory import MemorySnapshot, MiB
+
+
+def _delta(after: Optional[int], before: Optional[int]) -> Optional[int]:
+    return None if after is None or before is None else after - before
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepReport:
+    backend: str
+    device: str
+    policy: str
+    activations: str
+    upcast: list[str]  # parameters this call cast to fp32
+    already_fp32: list[str]  # planned parameters that were fp32 before this call (e.g. a second prepare())
+    upcast_norms: list[str]  # norm modules whose output dtype the flow hooks control
+    input_guards: int  # dtype-strict consumers given an input cast
+    skipped_quantized: int
+    quantizers: dict[str, int]  # quantizer -> parameter count
+    adapters_from: Optional[str]  # "PeftModel", "target_modules", "peft defaults for model_type", or None
+    chunk_bytes: int
+    chunk_bytes_source: str  # "argument", "backend default", or "shrunk by memory pressure"
+    chunks: int
+    required_bytes: int
+    headroom_bytes: Optional[int]
+    seconds: float
+    gradient_checkpointing: bool
+    before: MemorySnapshot
+    after: MemorySnapshot
+    peak: MemorySnapshot
+    notes: list[str]
+
+    @property
+    def allocated_delta(self) -> Optional[int]:
+        return _delta(self.after.allocated, self.before.allocated)
+
+    @property
+    def reserved_delta(self) -> Optional[int]:
+        return _delta(self.after.reserved, self.before.reserved)
+
+    @property
+    def peak_allocated_delta(self) -> Optional[int]:
+        return _delta(self.peak.allocated, self.before.allocated)
+
+    @property
+    def rss_delta(self) -> int:
+        return self.after.process_rss - self.before.process_rss
+
+    @property
+    def host_available_delta(self) -> int:
+        return self.after.host_available - self.before.host_available
+
+    @property
+    def changed_anything(self) -> bool:
+        return bool(self.upcast)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("before", "after", "peak"):
+            out[name] = getattr(self, name).to_dict()
+        out["deltas"] = {
+            "allocated": self.allocated_delta,
+            "reserved": self.reserved_delta,
+            "peak_allocated": self.peak_allocated_delta,
+            "process_rss": self.rss_delta,
+            "host_available": self.host_available_delta,
+        }
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def summary(self) -> str:
+        """A few human lines."""
+
+        def mib(value: Optional[int]) -> str:
+            return "n/a" if value is None else f"{value / MiB:+.1f} MiB"
+
+        lines = [
+            f"portable_kbit.prepare on {self.device} ({self.backend}): policy={self.policy}, activations={self.activations}",
+            f"  upcast {len(self.upcast)} parameters ({len(self.upcast_norms)} norms), "
+            f"{self.skipped_quantized} quantized parameters untouched, {self.input_guards} input casts, "
+            f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms",
+            f"  allocated {mib(self.allocated_delta)}, reserved {mib(self.reserved_delta)}, "
+            f"peak allocated {mib(self.peak_allocated_delta)}, process RSS {mib(self.rss_delta)}",
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)

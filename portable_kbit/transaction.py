@@ -1,0 +1,84 @@
+"""Undo log for prepare(): a failure after the first change leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+)
+RESTORED_ATTRIBUTES = ("_require_grads_hook", "_require_grads_hooks")
+
+_MISSING = object()
+
+
+class Transaction:
+    """Records undo steps; on an exception inside `with`, runs them newest first and re-raises with a note."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.undo_steps: list[Callable[[], None]] = []
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        self.undo_steps.append(step)
+
+    def __enter__(self) -> "Transaction":
+        self._remember_hooks_and_flags()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        failures = []
+        while self.undo_steps:
+            step = self.undo_steps.pop()
+            try:
+                step()
+            except Exception as undo_error:  # keep undoing: the rest of the model still matters
+                failures.append(repr(undo_error))
+        if hasattr(exc, "add_note"):
+            if failures:
+                exc.add_note(f"portable_kbit: prepare() failed and restoring the model also failed: {failures}")
+            else:
+                exc.add_note("portable_kbit: prepare() failed; the model was restored to its state before the call.")
+        return False
+
+    def _remember_hooks_and_flags(self) -> None:
+        modules = list(self.model.modules())
+        hook_keys = {(id(m), name): set(getattr(m, name, {}).keys()) for m in modules for name in HOOK_DICTS}
+        training = {m: m.training for m in modules}
+        attributes = {(m, attr): m.__dict__.get(attr, _MISSING) for m in modules for attr in RESTORED_ATTRIBUTES}
+        requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        checkpointing = {m: m.__dict__.get("gradient_checkpointing", _MISSING) for m in modules}
+        checkpoint_funcs = {m: m.__dict__.get("_gradient_checkpointing_func", _MISSING) for m in modules}
+
+        def restore() -> None:
+            for m in modules:
+                for name in HOOK_DICTS:
+                    hooks = getattr(m, name, None)
+                    if hooks is None:
+                        continue
+                    for key in set(hooks.keys()) - hook_keys[(id(m), name)]:
+                        del hooks[key]
+            for m, flag in training.items():
+                m.training = flag
+            for (m, attr), value in attributes.items():
+                _restore_attribute(m, attr, value)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            for m, value in checkpointing.items():
+                _restore_attribute(m, "gradient_checkpointing", value)
+            for m, value in checkpoint_funcs.items():
+                _restore_attribute(m, "_gradient_checkpointing_func", value)
+
+        self.on_undo(restore)
+
+
+def _restore_attribute(module: nn.Module, attr: str, value: object) -> None:
+    if value is _MISSING:
+        module.__dict__.pop(attr, None)
+    else:
+        module.__dict__[attr] = value
