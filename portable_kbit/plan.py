@@ -268,7 +268,9 @@ def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) 
             handles.append(modules[name].register_forward_hook(on_norm(name)))
         for name in adapted:
             handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True))
-        model.eval()
+        # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
+        # forward, a lasting change to a quantized weight. Flags are restored below.
+        model.train()
         with torch.no_grad():
             try:
                 runner(**_trace_input(runner), use_cache=False)
