@@ -74,14 +74,10 @@ def is_norm(module: nn.Module) -> bool:
     """torch's norm types, or a model's own norm class (LlamaRMSNorm, GemmaRMSNorm ...): only 1-D parameters."""
     if isinstance(module, TORCH_NORM_TYPES):
         return True
-    params = list(module.parameters(recurse=False))
-    has_children = any(True for _ in module.children())
-    return (
-        bool(params)
-        and not has_children
-        and all(p.dim() == 1 for p in params)
-        and "norm" in type(module).__name__.lower()
-    )
+    if module._modules or "norm" not in type(module).__name__.lower():
+        return False
+    params = [p for p in module._parameters.values() if p is not None]
+    return bool(params) and all(p.dim() == 1 for p in params)
 
 
 def norm_names(model: nn.Module) -> list[str]:
@@ -130,7 +126,20 @@ def _lora_config(target_modules: Any, model: nn.Module):
     peft = _peft()
     if isinstance(target_modules, peft.PeftConfig):
         config = target_modules
+        if getattr(config, "target_modules", None) is None:
+            raise ValueError(
+                f"target_modules is a {type(config).__name__} that names no target modules: prepare() needs to know "
+                "which layers get adapters. Pass a LoraConfig with target_modules, module names, or a regex."
+            )
     else:
+        names_ok = isinstance(target_modules, str) or (
+            isinstance(target_modules, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in target_modules)
+        )
+        if target_modules is not None and not names_ok:
+            raise TypeError(
+                f"target_modules must be module names (a list of str), a regex (str), a peft LoraConfig or None, "
+                f"not {target_modules!r}"
+            )
         config = peft.LoraConfig(target_modules=target_modules)
         if target_modules is None:
             model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -165,7 +174,11 @@ def adapter_spec(model: nn.Module, target_modules: Any) -> Optional[AdapterSpec]
     candidates = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     adapted = [n for n, m in candidates if check_target_module_exists(config, n)]
     if not adapted:
-        raise ValueError(_nothing_matched_message(config.target_modules, [n for n, _ in candidates]))
+        message = _nothing_matched_message(config.target_modules, [n for n, _ in candidates])
+        layers = getattr(config, "layers_to_transform", None)
+        if layers is not None:  # the names may match, but not in the layers asked for
+            message += f" Note layers_to_transform={layers!r}: it may select no layer that exists here."
+        raise ValueError(message)
     to_save = [n for n, _ in model.named_modules() if n and _matches_modules_to_save(n, config.modules_to_save or ())]
     source = "peft defaults for model_type" if target_modules is None else "target_modules"
     return AdapterSpec(adapted, to_save, source, config)
@@ -248,9 +261,7 @@ def _stub_weighted_modules(model: nn.Module) -> list[nn.Module]:
 
     stubbed = []
     for module in model.modules():
-        is_leaf_with_weights = not any(True for _ in module.children()) and any(
-            True for _ in module.parameters(recurse=False)
-        )
+        is_leaf_with_weights = not module._modules and any(p is not None for p in module._parameters.values())
         if not (is_leaf_with_weights or isinstance(module, BaseTunerLayer)):
             continue
         stand_in = _shape_only_forward(module)
@@ -324,7 +335,8 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
         for name in norms:
             handles.append(modules[name].register_forward_hook(on_norm(name)))
         for name in adapted:
-            handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True))
+            # prepend: see the input before hooks of an earlier prepare() (a dtype guard) replace it with a cast copy
+            handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True, prepend=True))
         # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
         # forward, a lasting change to a quantized weight. Flags are restored below.
         model.train()
@@ -373,11 +385,6 @@ def adjacent_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> tu
 # ---- the plan --------------------------------------------------------------------------------------------------
 
 
-def _param_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attr
-
-
 def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
     """Work out every change prepare() will make, without making any."""
     quantized = {name: kind for name, p in model.named_parameters() if (kind := quantization_kind(p)) is not None}
@@ -414,11 +421,12 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
         for name, p in model.named_parameters():
             if name not in quantized and p.dtype in HALF_DTYPES:
                 names_to_cast[name] = None
+    modules = dict(model.named_modules())
     for norm in upcast_norms:
-        for attr, p in model.get_submodule(norm).named_parameters(recurse=False):
+        for attr, p in modules[norm].named_parameters(recurse=False):
             names_to_cast[f"{norm}.{attr}"] = None
     for module_name in _modules_to_save_targets(model, spec):
-        for attr, p in model.get_submodule(module_name).named_parameters():
+        for attr, p in modules[module_name].named_parameters():
             names_to_cast[f"{module_name}.{attr}"] = None
 
     casts: list[ParamCast] = []
@@ -435,14 +443,16 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
             continue
         if p.dtype not in HALF_DTYPES:
             continue
-        module, attr = _param_owner(model, name)
+        module_name, _, attr = name.rpartition(".")
+        module = modules[module_name] if module_name else model
         casts.append(ParamCast(name, module, attr, p.dtype, torch.float32, p.numel(), p.device))
 
+    cast_dtype_by_module = {id(c.module): c.old_dtype for c in casts}
     norm_dtypes = {}
     for norm in upcast_norms:
-        params_of_norm = list(model.get_submodule(norm).parameters(recurse=False))
-        original = next((c.old_dtype for c in casts if c.module is model.get_submodule(norm)), None)
-        norm_dtypes[norm] = original or _model_dtype(model, params_of_norm)
+        module = modules[norm]
+        original = cast_dtype_by_module.get(id(module))
+        norm_dtypes[norm] = original or _model_dtype(model, list(module.parameters(recurse=False)))
     return Plan(policy, casts, norm_dtypes, spec, quantized, already, notes)
 
 

@@ -151,6 +151,14 @@ def check_model(model: Any) -> None:
     if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters: nothing to prepare")
     meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted({str(d) for d in device_map.values()} & {"disk", "meta"}) if isinstance(device_map, dict) else []
+    if meta and offloaded:  # accelerate keeps offloaded weights on the meta device and loads them per forward
+        raise ValueError(
+            f"{len(meta)} parameters are offloaded by the device_map (to {', '.join(offloaded)}; e.g. {meta[0]}): "
+            "prepare() needs every weight loaded on one device. Load the model with device_map={'': 0} "
+            "(or 'mps' / 'cpu') and no offload."
+        )
     if meta:
         raise ValueError(
             f"{len(meta)} parameters are on the meta device (e.g. {meta[0]}): the weights were never loaded. "
@@ -159,10 +167,12 @@ def check_model(model: Any) -> None:
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:
-    seen: dict[str, torch.device] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        seen.setdefault(str(tensor.device), tensor.device)
-    return list(seen.values())
+    seen: dict[torch.device, None] = {}
+    # Quantized tensor subclasses route every attribute read through __torch_function__: skip it, we only read .device
+    with torch._C.DisableTorchFunctionSubclass():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            seen[tensor.device] = None
+    return list(seen)
 
 
 def resolve_target(model: nn.Module, device: Any) -> tuple[Target, Optional[torch.device]]:
@@ -177,7 +187,10 @@ def resolve_target(model: nn.Module, device: Any) -> tuple[Target, Optional[torc
     model_device = devices[0]
     target = backends.resolve(device, model_device)
     if model_device.type == target.device.type:
-        wanted = target.device.index
+        # "auto" (like "cuda" without an index) takes a device_map split over several GPUs of one kind: each cast
+        # happens where its parameter lives. Only an explicit index must hold the whole model.
+        auto = isinstance(device, str) and device.strip().lower() == "auto"
+        wanted = None if auto else target.device.index
         if wanted is not None and any(d.index not in (None, wanted) for d in devices):
             raise ValueError(
                 f"the model is on {', '.join(map(str, devices))} but device={device!r}; pass device='auto' "
@@ -226,11 +239,13 @@ def move_model(model: nn.Module, device: torch.device, transaction: Transaction)
 
 def freeze_base_weights(model: nn.Module) -> None:
     """Every base weight frozen, as peft does; a PeftModel's adapters and modules_to_save copies stay trainable."""
-    keep: set[int] = set()
-    if plan.is_peft_model(model):
-        keep = plan.adapter_submodules(model)
-        for wrapper in plan.modules_to_save_wrappers(model).values():
-            keep.update(id(m) for m in wrapper.modules_to_save.modules())
+    if not plan.is_peft_model(model):
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return
+    keep = plan.adapter_submodules(model)
+    for wrapper in plan.modules_to_save_wrappers(model).values():
+        keep.update(id(m) for m in wrapper.modules_to_save.modules())
     for module in model.modules():
         if id(module) in keep:
             continue
