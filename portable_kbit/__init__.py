@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "MemoryMonitor",
     "MemoryPressureError",
     "MemorySnapshot",
     "PrepReport",
@@ -18,3 +19,12 @@ __all__ = [
     "report",
     "snapshot",
 ]
+
+
+def __getattr__(name):
+    # MemoryMonitor subclasses transformers' TrainerCallback, whose import takes seconds: load it on first use.
+    if name == "MemoryMonitor":
+        from .monitor import MemoryMonitor
+
+        return MemoryMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

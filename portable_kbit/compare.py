@@ -1,0 +1,559 @@
+"""Measure the QLoRA job phase by phase for several preparation variants, each in a fresh process.
+
+Phases: ``start`` (imports done, nothing loaded), ``load`` (from_pretrained through the quantizer), ``prep`` (the
+variant's preparation), ``lora`` (get_peft_model: r=16 on the attention projections), ``train`` (AdamW lr 1e-4 on one
+random sequence, non-reentrant gradient checkpointing, ``model.train()`` first). Each phase gives one JSON object:
+phase, seconds, allocated, reserved, peak_allocated, peak_reserved (allocator numbers, None on CPU), device_free,
+host_available, host_total, process_rss, peak_process_rss (polled), and losses for ``train``.
+
+``run_variant()`` is the measurement itself (importable: benchmark scripts call it); ``compare()`` runs every variant
+in its own subprocess (``python -m portable_kbit compare PATH --variant NAME``) so that no variant inherits another's
+allocator cache, and gathers the records; ``table()`` and ``plot()`` present them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from . import backends, memory, quantizers, tiny
+from .memory import MiB
+
+PHASES = ("start", "load", "prep", "lora", "train")
+CHECKPOINTING = {"use_reentrant": False}
+
+VARIANTS: dict[str, str] = {
+    "none": "no preparation (gradient checkpointing only)",
+    "peft-noclear": "peft.prepare_model_for_kbit_training(auto_clear_cache=False)",
+    "peft": "peft.prepare_model_for_kbit_training (its defaults)",
+    "ours-fp32": "portable_kbit.prepare(activations='fp32')",
+    "ours-native": "portable_kbit.prepare(activations='native')",
+    "ours-peft": "portable_kbit.prepare(upcast='peft')",
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model shape built locally with random bf16 weights (no download)."""
+
+    name: str
+    description: str
+    config: Callable[[], Any]
+    seq_len: int
+    steps: int
+    approx_bytes: int  # of the saved bf16 checkpoint
+
+    @property
+    def build_in_subprocess(self) -> bool:
+        # A big build would leave its memory in the parent while the variants run.
+        return self.approx_bytes > 1 << 30
+
+
+def _tiny_config() -> Any:
+    return tiny.config_for("llama")
+
+
+def _small_config() -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+
+
+def _mistral_7b_config() -> Any:
+    import transformers
+
+    return transformers.MistralConfig(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", "the tiny Llama of portable_kbit.tiny (hidden 128, 2 layers, vocab 256): seconds on a CPU",
+                   _tiny_config, seq_len=32, steps=3, approx_bytes=2 * MiB),
+    "small": Preset("small", "a Llama shape of about 155M parameters (hidden 1024, 8 layers, vocab 32000), ~310 MB",
+                    _small_config, seq_len=256, steps=5, approx_bytes=310 * MiB),
+    "mistral-7b": Preset("mistral-7b", "the Mistral-7B-v0.3 shape (vocab 32768, hidden 4096, MLP 14336, 32 layers, "
+                         "32 heads, 8 KV heads, untied head), ~14.5 GB", _mistral_7b_config,
+                         seq_len=512, steps=5, approx_bytes=14_500 * MiB),
+}
+
+
+def default_cache_dir() -> str:
+    """Where presets are saved: $PORTABLE_KBIT_CACHE, else ~/.cache/portable_kbit."""
+    return os.environ.get("PORTABLE_KBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "portable_kbit")
+
+
+def preset_path(name: str, cache_dir: Optional[str] = None) -> str:
+    """The folder a preset is (or will be) saved in."""
+    return os.path.join(cache_dir or default_cache_dir(), "presets", name)
+
+
+def build_preset(name: str, cache_dir: Optional[str] = None, seed: int = 0, device: Optional[str] = None) -> str:
+    """Save the preset's random bf16 checkpoint once (a complete folder or none: written aside, then renamed).
+
+    With `device` (an accelerator with room for the whole model), the random weights are made there, which is much
+    faster than on a CPU for a 7B shape; they are saved the same way.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    path = preset_path(name, cache_dir)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.manual_seed(seed)
+    where = torch.device("cpu")
+    if device is not None:
+        target = backends.resolve(device)
+        headroom = memory.take(target).headroom
+        if headroom is not None and headroom > 1.25 * PRESETS[name].approx_bytes:
+            where = target.device
+    with where:
+        model = AutoModelForCausalLM.from_config(PRESETS[name].config(), dtype=torch.bfloat16)
+    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(path))
+    try:
+        model.save_pretrained(staging)
+        os.chmod(staging, 0o755)  # mkdtemp made it private
+        os.replace(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, "config.json")):  # not a concurrent builder winning the race
+            raise
+    return path
+
+
+def materialize(path_or_preset: str, cache_dir: Optional[str] = None, device: Optional[str] = None) -> str:
+    """A local checkpoint folder as is, or a preset's folder (built on first use; a big one in a subprocess, on
+    `device` where it fits)."""
+    if os.path.isdir(path_or_preset):
+        return path_or_preset
+    if path_or_preset not in PRESETS:
+        raise ValueError(
+            f"{path_or_preset!r} is neither a local checkpoint folder nor a preset ({', '.join(PRESETS)})"
+        )
+    preset = PRESETS[path_or_preset]
+    path = preset_path(preset.name, cache_dir)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if not preset.build_in_subprocess:
+        return build_preset(preset.name, cache_dir)
+    command = [sys.executable, "-m", "portable_kbit", "compare", preset.name, "--build-preset"]
+    if device is not None:
+        command += ["--device", device]
+    if cache_dir:
+        command += ["--cache-dir", cache_dir]
+    subprocess.run(command, check=True, env=_child_env())
+    return path
+
+
+def lora_targets(checkpoint_path: str) -> Optional[list[str]]:
+    """The attention projections for the checkpoint's model_type (None: peft's defaults for it)."""
+    try:
+        with open(os.path.join(checkpoint_path, "config.json")) as handle:
+            model_type = json.load(handle).get("model_type")
+    except (OSError, ValueError):
+        return None
+    targets = tiny.LORA_TARGETS.get(model_type)
+    return list(targets) if targets else None
+
+
+# ---- one variant, in this process --------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """A phase failed; its record says why."""
+
+
+class _Phases:
+    def __init__(self, target: backends.Target, base: dict[str, Any], emit: Optional[Callable[[dict], None]]):
+        self.target, self.base, self.emit = target, base, emit
+        self.records: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[tuple[dict[str, Any], list]]:
+        backend, device = self.target.backend, self.target.device
+        backend.reset_peak(device)
+        before = memory.take(self.target)
+        started = time.perf_counter()
+        extra: dict[str, Any] = {}
+        samples: list[memory.MemorySnapshot] = []
+        error: Optional[BaseException] = None
+        try:
+            yield extra, samples
+            backend.synchronize(device)
+        except Exception as failure:  # noqa: BLE001 - recorded (out of memory is the interesting case)
+            error = failure
+        seconds = time.perf_counter() - started
+        after = memory.take(self.target)
+        peak = memory.peak_of(before, samples + [after])
+        record = {
+            **self.base, "phase": name, "seconds": round(seconds, 4),
+            "allocated": after.allocated, "reserved": after.reserved,
+            "peak_allocated": peak.allocated, "peak_reserved": peak.reserved,
+            "device_free": after.device_free, "device_total": after.device_total,
+            "host_available": after.host_available, "host_total": after.host_total,
+            "process_rss": after.process_rss, "peak_process_rss": peak.process_rss, "unified": after.unified,
+            **extra,
+        }
+        if error is not None:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            record["error"] = f"{type(error).__name__}: {first_line[:300]}"
+        self.records.append(record)
+        if self.emit is not None:
+            self.emit(record)
+        if error is not None:
+            raise _Stop(record["error"])
+
+
+def run_variant(
+    checkpoint_path: str,
+    variant: str,
+    device: str = "auto",
+    steps: int = 5,
+    seq_len: int = 512,
+    quantizer: Optional[str] = None,
+    *,
+    targets: Optional[Sequence[str]] = None,
+    lr: float = 1e-4,
+    r: int = 16,
+    memory_fraction: Optional[float] = None,
+    emit: Optional[Callable[[dict], None]] = None,
+) -> list[dict[str, Any]]:
+    """Run the job for one variant in this process; returns one record per phase (the failing phase last, with
+    "error"). Run each variant in a fresh process for comparable numbers: allocator caches and peaks carry over.
+
+    Args:
+        checkpoint_path: a local transformers checkpoint (a preset's folder from ``materialize()``).
+        variant: one of VARIANTS.
+        device: "auto", "cuda", "cuda:N", "rocm", "mps" or "cpu".
+        steps, seq_len: training steps on one random sequence of seq_len tokens.
+        quantizer: one of portable_kbit.tiny.QUANTIZERS; None: the backend's first installed preference.
+        targets: LoRA target modules; None: the attention projections for the checkpoint's model_type.
+        lr, r: AdamW learning rate and LoRA rank (lora_alpha = 2 r).
+        memory_fraction: cap this process's allocator at this fraction of the GPU (CUDA and ROCm only).
+        emit: called with each record as soon as its phase ends (the subprocess prints them).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    target = backends.resolve(device)
+    quantizer = quantizer or quantizers.choose(target.backend.name)
+    targets = list(targets) if targets else lora_targets(checkpoint_path)
+    base = {
+        "variant": variant, "checkpoint": checkpoint_path, "device": str(target.device),
+        "backend": target.backend.name, "quantizer": quantizer, "steps": steps, "seq_len": seq_len,
+    }
+    phases = _Phases(target, base, emit)
+    try:
+        with phases.phase("start") as (extra, _):
+            if memory_fraction is not None:
+                cap_memory(target, memory_fraction)
+                extra["memory_fraction"] = memory_fraction
+            extra["versions"] = versions()
+            import peft  # noqa: F401 - imported here so that no variant's "prep" phase pays for the import
+            from . import prepare as _  # noqa: F401
+        with phases.phase("load") as (extra, _):
+            model = tiny.load(checkpoint_path, quantizer, str(target.device))
+        with phases.phase("prep") as (extra, _):
+            model = prepare_variant(model, variant, target, targets, extra)
+            extra["fp32_frozen_parameters"] = sum(
+                1 for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad
+            )
+        with phases.phase("lora") as (extra, _):
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
+            model = get_peft_model(model, config)
+            extra["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        with phases.phase("train") as (extra, samples):
+            extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples)
+    except _Stop:
+        pass
+    return phases.records
+
+
+def prepare_variant(model: Any, variant: str, target: backends.Target, targets: Any, extra: dict) -> Any:
+    """Apply one variant's preparation to a loaded model; notes for the record go into `extra`."""
+    if variant == "none":
+        enable_checkpointing(model, CHECKPOINTING)
+        return model
+    if variant.startswith("peft"):
+        from peft import prepare_model_for_kbit_training
+
+        kwargs: dict[str, Any] = {"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": CHECKPOINTING}
+        if "auto_clear_cache" in inspect.signature(prepare_model_for_kbit_training).parameters:
+            kwargs["auto_clear_cache"] = variant == "peft"
+        elif variant == "peft-noclear":
+            extra["note"] = "this peft has no auto_clear_cache: ran its only behaviour"
+        return prepare_model_for_kbit_training(model, **kwargs)
+    from .prepare import prepare, report
+
+    options = {"ours-fp32": {}, "ours-native": {"activations": "native"}, "ours-peft": {"upcast": "peft"}}[variant]
+    model = prepare(model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING,
+                    **options)
+    done = report(model)
+    extra["prep_report"] = {
+        "policy": done.policy, "activations": done.activations, "upcast": len(done.upcast),
+        "upcast_norms": len(done.upcast_norms), "input_guards": done.input_guards,
+        "skipped_quantized": done.skipped_quantized, "chunks": done.chunks, "chunk_bytes": done.chunk_bytes,
+        "seconds": round(done.seconds, 4),
+    }
+    return model
+
+
+def enable_checkpointing(model: Any, kwargs: dict) -> None:
+    """transformers' gradient checkpointing (5.x calls it activation checkpointing), as peft and prepare() set it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=dict(kwargs))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
+
+
+def train_steps(model: Any, target: backends.Target, steps: int, seq_len: int, lr: float, samples: list) -> list[float]:
+    """`steps` AdamW steps on one random sequence in training mode; the losses."""
+    model.train()  # transformers checkpoints only in training mode
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    ids = tiny.batch(vocab, seq_len, seed=1, device=str(device))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        samples.append(memory.take(target))  # gradients alive: the polled peak where no allocator keeps one
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(float(loss.item()), 4))
+    return losses
+
+
+def cap_memory(target: backends.Target, fraction: float) -> None:
+    """Cap the allocator of this process at `fraction` of the device (CUDA and ROCm: torch.cuda's per-process
+    fraction; a backend may offer its own ``set_memory_fraction(device, fraction)``)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"memory_fraction={fraction!r} must be in (0, 1]")
+    own = getattr(target.backend, "set_memory_fraction", None)
+    if own is not None:
+        own(target.device, fraction)
+        return
+    if target.device.type != "cuda":
+        raise ValueError(f"--memory-fraction works on CUDA and ROCm devices only, not on {target.backend.name}")
+    index = target.device.index if target.device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Installed versions of the packages that decide the numbers (None: not installed)."""
+    out: dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for name in ("portable-kbit", "torch", "transformers", "peft", "bitsandbytes", "optimum-quanto", "accelerate",
+                 "psutil"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["torch"] = torch.__version__
+    return out
+
+
+# ---- every variant, each in a fresh process ------------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # runs from a source checkout too
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_in_subprocess(
+    checkpoint_path: str, variant: str, device: str, steps: int, seq_len: int, quantizer: Optional[str],
+    targets: Optional[Sequence[str]] = None, memory_fraction: Optional[float] = None,
+    emit: Optional[Callable[[dict], None]] = None, timeout: Optional[float] = None,
+) -> list[dict[str, Any]]:
+    """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one)."""
+    command = [sys.executable, "-m", "portable_kbit", "compare", checkpoint_path, "--variant", variant,
+               "--device", device, "--steps", str(steps), "--seq-len", str(seq_len)]
+    if quantizer:
+        command += ["--quantizer", quantizer]
+    if targets:
+        command += ["--targets", ",".join(targets)]
+    if memory_fraction is not None:
+        command += ["--memory-fraction", str(memory_fraction)]
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=_child_env())
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "phase" in record:
+                records.append(record)
+                if emit is not None:
+                    emit(record)
+        code = process.wait(timeout=timeout)
+        if code != 0 and not any("error" in r for r in records):
+            errors.seek(0)
+            tail = errors.read()[-2000:].strip().splitlines()
+            record = {"variant": variant, "checkpoint": checkpoint_path, "device": device, "phase": "process",
+                      "error": f"exit status {code}: {tail[-1] if tail else 'no output'}"}
+            records.append(record)
+            if emit is not None:
+                emit(record)
+    return records
+
+
+def compare(
+    path_or_preset: str,
+    device: str = "auto",
+    steps: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    quantizer: Optional[str] = None,
+    memory_fraction: Optional[float] = None,
+    cache_dir: Optional[str] = None,
+    emit: Optional[Callable[[dict], None]] = None,
+) -> list[dict[str, Any]]:
+    """Every variant in its own process on a local checkpoint or a preset; all their phase records.
+
+    steps and seq_len default to the preset's (3 and 32 for "tiny", 5 and 512 for "mistral-7b"; 5 and 512 for a
+    local checkpoint). This process never touches the accelerator: each child measures from a clean allocator.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    preset = PRESETS.get(path_or_preset) if not os.path.isdir(path_or_preset) else None
+    steps = steps or (preset.steps if preset else 5)
+    seq_len = seq_len or (preset.seq_len if preset else 512)
+    target = backends.resolve(device)
+    quantizer = quantizer or quantizers.choose(target.backend.name)
+    path = materialize(path_or_preset, cache_dir, device)
+    targets = lora_targets(path)
+    records: list[dict[str, Any]] = []
+    for variant in variants:
+        records += run_in_subprocess(path, variant, device, steps, seq_len, quantizer, targets, memory_fraction, emit)
+    return records
+
+
+# ---- presentation ----------------------------------------------------------------------------------------------------
+
+
+def _by_variant(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for record in records:
+        out.setdefault(record["variant"], {})[record["phase"]] = record
+    return out
+
+
+def _metrics(records: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """(value field, peak field, label) to show: the allocator's numbers where there are any, else process RSS."""
+    if any(r.get("allocated") is not None for r in records):
+        return [("allocated", "peak_allocated", "allocated"), ("reserved", "peak_reserved", "reserved")]
+    return [("process_rss", "peak_process_rss", "process RSS")]
+
+
+def _mib(value: Optional[float]) -> str:
+    return "" if value is None else f"{value / MiB:.0f}"
+
+
+def _signed_mib(value: Optional[float]) -> str:
+    return "" if value is None else f"{value / MiB:+.0f}"
+
+
+def table(records: Sequence[dict]) -> str:
+    """A markdown table: per variant, memory after loading, what the preparation added, the training peak, losses."""
+    metrics = _metrics(records)
+    head = ["variant"]
+    for _, _, label in metrics:
+        head += [f"load: {label}", f"prep: {label}", f"prep: peak {label}"]
+    head += ["prep s"] + [f"train: peak {label}" for _, _, label in metrics] + ["losses", "error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, phases in _by_variant(records).items():
+        load, prep, train = phases.get("load", {}), phases.get("prep", {}), phases.get("train", {})
+        row = [variant]
+        for field, peak_field, _ in metrics:
+            base = load.get(field)
+            row += [
+                _mib(base),
+                _signed_mib(None if prep.get(field) is None or base is None else prep[field] - base),
+                _signed_mib(None if prep.get(peak_field) is None or base is None else prep[peak_field] - base),
+            ]
+        row.append("" if "seconds" not in prep else f"{prep['seconds']:.3f}")
+        row += [_mib(train.get(peak_field)) for _, peak_field, _ in metrics]
+        row.append(" ".join(f"{loss:.4f}" for loss in train.get("losses", [])))
+        row.append(next((f"{r['phase']}: {r['error']}" for r in phases.values() if "error" in r), ""))
+        lines.append("| " + " | ".join(row) + " |")
+    unit = "MiB; prep columns relative to after loading"
+    if metrics[0][0] == "process_rss":
+        unit += "; no allocator on this device, so process RSS (peaks polled once per step)"
+    return "\n".join(lines) + f"\n({unit})"
+
+
+def plot(records: Sequence[dict], path: str, title: Optional[str] = None) -> str:
+    """Draw allocated and reserved (process RSS where the device has no allocator) at the end of each phase for
+    each variant, with the phase's peak as a tick; save a PNG to `path`. Needs matplotlib (the "plot" extra)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'portable-kbit[plot]'") from error
+
+    by_variant = _by_variant(records)
+    metrics = _metrics(records)
+    phases = [p for p in PHASES if any(p in v for v in by_variant.values())]
+    figure = Figure(figsize=(6.5 * len(metrics), 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    width = 0.8 / max(1, len(by_variant))
+    for axis, (field, peak_field, label) in zip(axes, metrics):
+        for index, (variant, recorded) in enumerate(by_variant.items()):
+            xs, values, peaks = [], [], []
+            for position, phase in enumerate(phases):
+                record = recorded.get(phase)
+                if record is None or record.get(field) is None:
+                    continue
+                xs.append(position - 0.4 + width * (index + 0.5))
+                values.append(record[field] / MiB)
+                peaks.append((record.get(peak_field) or record[field]) / MiB)
+            failed = next((r for r in recorded.values() if "error" in r), None)
+            name = variant if failed is None else f"{variant} (failed in {failed['phase']})"
+            bars = axis.bar(xs, values, width=width * 0.92, label=name)
+            axis.scatter(xs, peaks, marker="_", s=220, color=bars.patches[0].get_facecolor() if bars.patches else None,
+                         linewidths=2, zorder=3)
+        axis.set_xticks(range(len(phases)), phases)
+        axis.set_ylabel(f"{label} (MiB)")
+        axis.set_title(f"{label} at the end of each phase (tick: the phase's peak)", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title is None and records:
+        first = records[0]
+        title = (f"{os.path.basename(str(first.get('checkpoint', '')).rstrip(os.sep))} on {first.get('device')} "
+                 f"({first.get('quantizer')}), {first.get('steps')} steps x {first.get('seq_len')} tokens")
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.savefig(path, dpi=110)
+    return path

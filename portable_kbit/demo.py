@@ -1,0 +1,65 @@
+"""The main job on a built-in tiny model, no download: quantize, prepare, attach LoRA, train a few steps.
+
+`portable-kbit demo` prints what `run()` returns. It finishes in seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from . import backends, quantizers, tiny
+from .prepare import prepare, report
+
+ARCH = "llama"
+CHECKPOINTING = {"use_reentrant": False}
+
+
+def run(
+    device: str = "auto",
+    steps: int = 5,
+    quantizer: Optional[str] = None,
+    activations: str = "fp32",
+    lr: float = 1e-2,
+    seq_len: int = 32,
+) -> dict[str, Any]:
+    """Build a tiny Llama-family model, quantize it, prepare() it, attach LoRA and train `steps` AdamW steps.
+
+    Args:
+        device: "auto" (the first available accelerator, else the CPU), "cuda", "cuda:N", "rocm", "mps" or "cpu".
+        steps: optimizer steps on one random sequence (a memorization task: the loss must fall).
+        quantizer: one of portable_kbit.tiny.QUANTIZERS; None: the first that works here
+            (bitsandbytes nf4 on CUDA, ROCm and CPU; optimum-quanto int4 on MPS and as the fallback).
+        activations: passed to prepare() ("fp32" or "native").
+        lr: AdamW learning rate (high, so that a few steps show the loss falling).
+        seq_len: tokens in the training sequence.
+
+    Returns:
+        a dict: "report" (the PrepReport), "losses" (floats, one per step), "device" (the torch device string),
+        "backend", "quantizer", "model" (the trained PeftModel) and "seconds" (wall time of the whole job).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps!r}: train at least one step")
+    started = time.perf_counter()
+    target = backends.resolve(device)
+    torch_device = str(target.device)
+    if quantizer is None:
+        quantizer = quantizers.choose(target.backend.name, target.device)
+    path = tiny.checkpoint(ARCH)
+    model = tiny.load(path, quantizer, torch_device)
+    targets = tiny.LORA_TARGETS[ARCH]
+    model = prepare(
+        model, torch_device, target_modules=targets, activations=activations,
+        gradient_checkpointing_kwargs=CHECKPOINTING,
+    )
+    prep_report = report(model)
+    model, losses = tiny.train_lora(model, targets, steps=steps, lr=lr, length=seq_len)
+    return {
+        "report": prep_report,
+        "losses": losses,
+        "device": torch_device,
+        "backend": target.backend.name,
+        "quantizer": quantizer,
+        "model": model,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,46 @@
+"""Console-script runs shared between test files: the README's commands and tests/test_cli.py run the same
+`portable-kbit compare` once per session (each variant is a fresh process: seconds each on a 2-core CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from portable_kbit import cli
+
+#: in README.md's "Command line" block and checked by tests/test_cli.py: one run serves both
+README_COMPARE = (
+    "compare", "tiny", "--variants", "none,peft,ours-fp32", "--steps", "2", "--plot", "compare.png",
+    "--json-out", "compare.jsonl",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+    workdir: Path
+
+
+@functools.lru_cache(maxsize=None)
+def run_once(argv: tuple[str, ...]) -> Run:
+    """cli.main(argv) in a fresh working directory, once per session per argv; presets cached in that directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="portable_kbit_cli_"))
+    args = list(argv)
+    if args[:1] == ["compare"] and "--cache-dir" not in args:
+        args += ["--cache-dir", str(workdir / "cache")]
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+    finally:
+        os.chdir(previous)
+    return Run(code, out.getvalue(), err.getvalue(), workdir)

@@ -1,0 +1,145 @@
+"""The console script: env, demo and compare, through portable_kbit.cli.main and once through the real entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pathlib import Path
+
+from portable_kbit import cli
+from shared_runs import README_COMPARE, run_once
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_env_json_lists_cpu_with_versions_and_working_quantizers(capsys):
+    code, out, _ = run_main(capsys, "env", "--json")
+    assert code == 0
+    info = json.loads(out)
+    by_name = {entry["name"]: entry for entry in info["backends"]}
+    assert set(by_name) >= {"cuda", "rocm", "mps", "cpu"}
+    cpu = by_name["cpu"]
+    assert cpu["available"] and cpu["why_unavailable"] is None and cpu["unified"] is True
+    assert cpu["memory"]["host_available"] > 0 and cpu["memory"]["process_rss"] > 0
+    for entry in by_name.values():  # every unavailable backend says why
+        assert entry["available"] or entry["why_unavailable"]
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "optimum-quanto"):
+        assert package in info["versions"]
+    assert info["versions"]["torch"] and info["versions"]["transformers"] and info["versions"]["peft"]
+    cpu_probes = {p["quantizer"]: p for p in info["quantizers"] if p["backend"] == "cpu"}
+    assert cpu_probes and all(p["works"] or p["why_not"] for p in cpu_probes.values())
+    assert cpu_probes["bnb-nf4"]["works"] and cpu_probes["quanto-int4"]["works"]  # both in the test extra
+    assert info["default"]["backend"] == info["backends"][[e["available"] for e in info["backends"]].index(True)]["name"]
+    assert info["default"]["quantizer"] is not None
+
+
+def test_env_human_output_says_why_a_backend_is_missing(capsys):
+    code, out, _ = run_main(capsys, "env", "--no-probe")
+    assert code == 0
+    assert "cpu" in out and "available on cpu" in out
+    assert "unavailable:" in out or "available on" in out.split("cpu")[0]  # a GPU box lists its accelerator
+    assert "torch " in out and "transformers " in out
+
+
+def test_demo_json_trains_with_finite_falling_losses(capsys):
+    code, out, _ = run_main(capsys, "demo", "--steps", "2", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert result["losses"][1] < result["losses"][0]
+    assert result["quantizer"] in ("bnb-nf4", "quanto-int4")
+    report = result["report"]
+    assert report["policy"] == "adjacent" and report["skipped_quantized"] > 0 and report["upcast_norms"]
+    assert report["gradient_checkpointing"] is True
+
+
+def test_demo_human_output_prints_report_and_losses(capsys):
+    code, out, _ = run_main(capsys, "demo", "--steps", "1", "--device", "cpu", "--activations", "native")
+    assert code == 0
+    assert "portable_kbit.prepare on cpu" in out and "activations=native" in out
+    assert "LoRA training losses:" in out
+
+
+def test_compare_tiny_writes_json_lines_table_and_png():
+    # The README's own compare command (tests/test_readme.py runs it through the same cached run).
+    assert "portable-kbit " + " ".join(README_COMPARE) in README.read_text()
+    run = run_once(README_COMPARE)
+    assert run.code == 0, run.err[-2000:]
+    png, lines = run.workdir / "compare.png", run.workdir / "compare.jsonl"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [json.loads(line) for line in run.out.splitlines() if line.startswith("{")] == records
+    assert not [r for r in records if "error" in r]
+    phases = {(r["variant"], r["phase"]) for r in records}
+    assert phases == {(v, p) for v in ("none", "peft", "ours-fp32") for p in ("start", "load", "prep", "lora", "train")}
+    for record in records:
+        assert record["seconds"] >= 0 and record["host_available"] > 0 and record["process_rss"] > 0
+        assert "allocated" in record and "reserved" in record and "peak_allocated" in record
+    trains = {r["variant"]: r for r in records if r["phase"] == "train"}
+    for train in trains.values():
+        assert len(train["losses"]) == 2 and all(math.isfinite(x) for x in train["losses"])
+    preps = {r["variant"]: r for r in records if r["phase"] == "prep"}
+    assert preps["ours-fp32"]["prep_report"]["upcast_norms"] > 0
+    assert "| variant |" in run.out and "| ours-fp32 |" in run.out
+
+
+def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
+    from portable_kbit import compare, tiny
+
+    records = compare.run_variant(tiny.checkpoint("llama"), "peft", "cpu", steps=1, seq_len=16, quantizer="quanto-int4")
+    # peft's own function cannot prepare an optimum-quanto model (notes/backend-facts.md): recorded, not raised
+    assert [r["phase"] for r in records] == ["start", "load", "prep"]
+    assert "cannot be changed" in records[-1]["error"]
+    ours = compare.run_variant(tiny.checkpoint("llama"), "ours-native", "cpu", steps=1, seq_len=16,
+                               quantizer="quanto-int4")
+    assert [r["phase"] for r in ours] == list(compare.PHASES) and "error" not in ours[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--device", "nope"], "unknown device"),
+    (["compare", "tiny", "--variants", "none,bogus"], "unknown variant"),
+    (["compare", "/no/such/folder"], "neither a local checkpoint"),
+])
+def test_bad_input_exits_2_with_a_message(capsys, argv, message):
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and message in err
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_main(capsys)
+    assert code == 2 and "env" in out and "demo" in out and "compare" in out
+
+
+def test_console_script_is_declared_and_runs():
+    points = importlib.metadata.entry_points(group="console_scripts", name="portable-kbit")
+    assert [p.value for p in points] == ["portable_kbit.cli:main"]
+    script = shutil.which("portable-kbit", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    command = [script] if script else [sys.executable, "-m", "portable_kbit"]
+    done = subprocess.run(command + ["env", "--json", "--no-probe"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout)
+    assert "cpu" in [e["name"] for e in info["backends"] if e["available"]]
+
+
+def test_compare_plot_without_matplotlib_fails_before_measuring(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, out, err = run_main(capsys, "compare", "tiny", "--plot", "never.png")
+    assert code == 2 and "--plot needs matplotlib" in err and not out
