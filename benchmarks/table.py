@@ -1,4 +1,5 @@
-"""Render benchmark JSON lines (benchmarks/results/<run>/phases.jsonl, fit.jsonl) as the README's markdown table.
+"""Render benchmark results (benchmarks/results/<run>/phases.jsonl from portable_kbit.compare, fit.jsonl) as the
+README's markdown table, each figure with its ratio to peft's.
 
     python benchmarks/table.py benchmarks/results/h100 benchmarks/results/cpu
     python benchmarks/table.py --readme README.md benchmarks/results/h100 benchmarks/results/cpu   # rewrite in place
@@ -23,69 +24,88 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def by_variant(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for record in records:  # the last run of a variant wins
+    for record in records:
         out.setdefault(record["variant"], {})[record["phase"]] = record
     return out
 
 
-def _mib(value: Optional[float]) -> Optional[float]:
-    return None if value is None else value / MiB
+def _minus(a: Optional[int], b: Optional[int]) -> Optional[float]:
+    return None if a is None or b is None else (a - b) / MiB
 
 
-def metrics(phases: dict[str, dict[str, Any]], fit: dict[str, dict[str, Any]], variant: str) -> dict[str, Any]:
-    run = phases.get(variant, {})
-    attached, trained = run.get("lora_attached", {}), run.get("trained", {})
-    delta = attached.get("prepare_delta", {})
-    return {
-        "prepare: allocated delta (MiB)": _mib(delta.get("allocated")),
-        "prepare: reserved delta (MiB)": _mib(delta.get("reserved")),
-        "prepare: peak allocated delta (MiB)": _mib(delta.get("peak_allocated")),
-        "prepare: process RSS delta (MiB)": _mib(delta.get("process_rss")),
-        "prepare: seconds": run.get("prepared", {}).get("seconds"),
-        "training: peak allocated (MiB)": _mib(trained.get("peak_allocated")),
-        "training: peak reserved (MiB)": _mib(trained.get("peak_reserved")),
-        "training: process RSS after (MiB)": _mib(trained.get("process_rss")),
-        "frozen parameters in fp32": attached.get("fp32_base_params"),
-        "loss at step 5": (trained.get("losses") or [None])[-1],
-        "8 GiB cap: longest sequence": fit.get(variant, {}).get("fit_result", {}).get("longest"),
-    }
+def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any]) -> dict[str, Any]:
+    load, prep, train = run.get("load", {}), run.get("prep", {}), run.get("train", {})
+    rss = train.get("allocated") is None  # no allocator (CPU): process RSS is the measure
+    rows: dict[str, Any] = {}
+    if not rss:
+        rows["prepare: allocated delta (MiB)"] = _minus(prep.get("allocated"), load.get("allocated"))
+        rows["prepare: reserved delta (MiB)"] = _minus(prep.get("reserved"), load.get("reserved"))
+        rows["prepare: peak allocated delta (MiB)"] = _minus(prep.get("peak_allocated"), load.get("allocated"))
+    rows["prepare: process RSS delta (MiB)"] = _minus(prep.get("process_rss"), load.get("process_rss"))
+    rows["prepare: host available delta (MiB)"] = _minus(prep.get("host_available"), load.get("host_available"))
+    rows["prepare: seconds"] = prep.get("seconds")
+    if not rss:
+        rows["training: peak allocated (MiB)"] = None if train.get("peak_allocated") is None else train["peak_allocated"] / MiB
+        rows["training: peak reserved (MiB)"] = None if train.get("peak_reserved") is None else train["peak_reserved"] / MiB
+    else:
+        rows["training: peak process RSS (MiB)"] = None if train.get("peak_process_rss") is None else train["peak_process_rss"] / MiB
+    rows["frozen parameters in fp32"] = prep.get("fp32_frozen_parameters")
+    rows["loss at step 5"] = (train.get("losses") or [None])[-1]
+    rows["8 GiB cap: longest sequence"] = fit.get("longest")
+    return rows
 
 
-def _format(value: Any, reference: Any, name: str) -> str:
+RATIO_ROWS = ("prepare: seconds", "training: peak allocated (MiB)", "training: peak reserved (MiB)",
+              "training: peak process RSS (MiB)", "8 GiB cap: longest sequence")
+
+
+def _cell(name: str, value: Any, reference: Any) -> str:
     if value is None:
         return ""
-    text = f"{value:.3f}" if name == "prepare: seconds" else f"{value:.4f}" if name == "loss at step 5" else (
-        f"{value:+.1f}" if "delta" in name else f"{value:.0f}" if isinstance(value, float) else str(value))
-    ratio_rows = ("seconds", "peak allocated (MiB)", "peak reserved", "longest", "RSS after")
-    if reference not in (None, 0) and any(key in name for key in ratio_rows) and "delta" not in name:
+    if name == "prepare: seconds":
+        text = f"{value:.3f}"
+    elif name == "loss at step 5":
+        text = f"{value:.4f}"
+    elif "delta" in name:
+        text = f"{value:+.1f}"
+    else:
+        text = f"{value:.0f}"
+    if name in RATIO_ROWS and reference not in (None, 0):
         text += f" ({value / reference:.2f}x)"
     return text
 
 
 def render_run(folder: Path) -> str:
-    phases, fit = by_variant(read(folder / "phases.jsonl")), by_variant(read(folder / "fit.jsonl"))
+    phases = by_variant(read(folder / "phases.jsonl"))
+    fits = {r["variant"]: r for r in read(folder / "fit.jsonl")}
     if not phases:
         return f"(no results in {folder})"
-    start = next(iter(phases.values())).get("start", {})
+    first = next(iter(phases.values()))
+    start = first.get("start", {})
     columns = [c for c in COLUMNS if c in phases]
-    table = {c: metrics(phases, fit, c) for c in columns}
-    reference = table.get("peft", {})
+    table = {c: metrics(phases[c], fits.get(c, {})) for c in columns}
     rows = [name for name in table[columns[0]] if any(table[c][name] is not None for c in columns)]
-    versions = ", ".join(f"{k} {v}" for k, v in (start.get("versions") or {}).items() if v)
-    seq_len = next(iter(phases.values())).get("trained", {}).get("seq_len")
+    versions = ", ".join(f"{k} {v}" for k, v in (start.get("versions") or {}).items() if v and k != "python")
+    device_name = next((f["device_name"] for f in fits.values() if "device_name" in f), start.get("device"))
+    train = first.get("train", {})
     lines = [
-        f"**{folder.name}**: {start.get('device_name', '?')}; {versions}; sequence {seq_len}. "
-        f"Ratios are against peft's default (`auto_clear_cache=True`). Source: `{folder.as_posix()}`.",
+        f"**{folder.name}** ({device_name}; {versions}): {first.get('quantizer')}, {train.get('steps')} steps on one "
+        f"{train.get('seq_len')}-token sequence. Ratios are to peft's default (`auto_clear_cache=True`). "
+        f"Source: `{folder.as_posix()}/`.",
         "",
         "| | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for name in rows:
-        lines.append(f"| {name} | " + " | ".join(_format(table[c][name], reference.get(name), name) for c in columns) + " |")
-    losses = {c: phases[c].get("trained", {}).get("losses") for c in columns}
+        cells = [_cell(name, table[c][name], table.get("peft", {}).get(name)) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    losses = {c: phases[c].get("train", {}).get("losses") for c in columns}
     if losses.get("peft"):
         gaps = {c: max(abs(a - b) for a, b in zip(l, losses["peft"])) for c, l in losses.items() if l and c != "peft"}
         lines += ["", "Largest loss gap to peft over the steps: " + ", ".join(f"{c} {g:.4f}" for c, g in gaps.items())]
+    errors = [f"{v}/{p}: {r['error']}" for v, run in phases.items() for p, r in run.items() if "error" in r]
+    if errors:
+        lines += ["", "Failed: " + "; ".join(errors)]
     return "\n".join(lines)
 
 

@@ -150,7 +150,8 @@ def check_model(model: Any) -> None:
         )
     if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters: nothing to prepare")
-    meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    with torch._C.DisableTorchFunctionSubclass():  # quantized subclasses dispatch every attribute read otherwise
+        meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     device_map = getattr(model, "hf_device_map", None) or {}
     offloaded = sorted({str(d) for d in device_map.values()} & {"disk", "meta"}) if isinstance(device_map, dict) else []
     if meta and offloaded:  # accelerate keeps offloaded weights on the meta device and loads them per forward

@@ -14,7 +14,18 @@ import torch
 from torch import nn
 
 
+_KNOWN_TYPES_CACHE: dict[frozenset, list] = {}
+
+
 def _known_types() -> list[tuple[str, tuple[type, ...]]]:
+    # Called once per parameter: cache by which quantizer packages are imported.
+    present = frozenset(name for name in ("bitsandbytes", "optimum.quanto", "torchao") if name in sys.modules)
+    if present not in _KNOWN_TYPES_CACHE:
+        _KNOWN_TYPES_CACHE[present] = _import_known_types()
+    return _KNOWN_TYPES_CACHE[present]
+
+
+def _import_known_types() -> list[tuple[str, tuple[type, ...]]]:
     known: list[tuple[str, tuple[type, ...]]] = []
     if "bitsandbytes" in sys.modules:
         import bitsandbytes as bnb
