@@ -89,7 +89,7 @@ def render_run(folder: Path) -> str:
     device_name = next((f["device_name"] for f in fits.values() if "device_name" in f), start.get("device"))
     train = first.get("train", {})
     lines = [
-        f"**{folder.name}** ({device_name}; {versions}): {first.get('quantizer')}, {train.get('steps')} steps on one "
+        f"**{folder.name}** ({device_name}; {versions}): {train.get('quantizer')}, {train.get('steps')} steps on one "
         f"{train.get('seq_len')}-token sequence. Ratios are to peft's default (`auto_clear_cache=True`). "
         f"Source: `{folder.as_posix()}/`.",
         "",

@@ -46,6 +46,16 @@ def _weight_dtype(module: nn.Module) -> Optional[torch.dtype]:
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else None
 
 
+def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """A leaf layer with quantized (integer) weights that dequantizes to a `compute_dtype` (HQQLinear and the like):
+    its matmul needs the input in that dtype."""
+    dtype = getattr(module, "compute_dtype", None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or any(True for _ in module.children()):
+        return None
+    quantized = any(not p.dtype.is_floating_point for p in module.parameters(recurse=False))
+    return dtype if quantized else None
+
+
 class UpcastNormFlow:
     """Hooks for one upcast norm: input cast to the weight's dtype, output cast to the flow dtype."""
 
@@ -74,7 +84,7 @@ class InputDtypeGuard:
 
     def before(self, module: nn.Module, args: tuple) -> Optional[tuple]:
         x = _first_tensor(args)
-        dtype = _weight_dtype(module)
+        dtype = _weight_dtype(module) or _compute_dtype(module)
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
             self.pending.append(None)
             return None
@@ -91,11 +101,9 @@ class InputDtypeGuard:
 
 def is_strict_consumer(module: nn.Module) -> bool:
     """A layer whose kernel fails (or silently misbehaves) on an input dtype other than its weight's."""
-    return (
-        isinstance(module, STRICT_TYPES)
-        and not handles_its_own_input_dtype(module)
-        and _weight_dtype(module) is not None
-    )
+    if handles_its_own_input_dtype(module):
+        return False
+    return (isinstance(module, STRICT_TYPES) and _weight_dtype(module) is not None) or _compute_dtype(module) is not None
 
 
 def install(

@@ -170,8 +170,10 @@ def check_model(model: Any) -> None:
 def model_devices(model: nn.Module) -> list[torch.device]:
     seen: dict[torch.device, None] = {}
     # Quantized tensor subclasses route every attribute read through __torch_function__: skip it, we only read .device
+    # Parameters only: optimum-quanto keeps each QLinear's activation-scale buffers on the CPU of a GPU/MPS model,
+    # which would read as a CPU-offloaded model and refuse every quanto model on an accelerator.
     with torch._C.DisableTorchFunctionSubclass():
-        for tensor in list(model.parameters()) + list(model.buffers()):
+        for tensor in model.parameters():
             seen[tensor.device] = None
     return list(seen)
 

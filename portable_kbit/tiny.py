@@ -53,10 +53,10 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
     if arch == "gemma2":
         return tf.Gemma2Config(num_key_value_heads=heads // 2, head_dim=hidden // heads, **common_decoder)
     if arch == "phi3":
-        return tf.Phi3Config(num_key_value_heads=heads, pad_token_id=0, **common_decoder)
+        return tf.Phi3Config(num_key_value_heads=heads, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common_decoder)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
-                             tie_word_embeddings=False)
+                             bos_token_id=vocab - 1, eos_token_id=vocab - 1, tie_word_embeddings=False)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                                 num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=256,
@@ -105,7 +105,7 @@ def load(path: str, quantizer: str = "bnb-nf4", device: str = "cpu") -> Any:
     config = quantization_config(quantizer)
     if config is not None:
         kwargs["quantization_config"] = config
-    if device != "cpu":
+    if device != "cpu" or quantizer.startswith("bnb-"):  # without a device_map bitsandbytes picks the GPU itself
         kwargs["device_map"] = {"": device}
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 

@@ -11,7 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may load from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+import torch  # noqa: E402
+
 import portable_kbit  # noqa: E402
+
+# The test models are tiny: one intra-op CPU thread is as fast as two, and it does not spin-wait (OpenMP) when the
+# 2-core machine is busy with anything else. Measured on a loaded 2-core machine: tests/test_matrix.py took 22 s with
+# one thread, 267 s with two. Set PORTABLE_KBIT_TEST_THREADS to override.
+torch.set_num_threads(int(os.environ.get("PORTABLE_KBIT_TEST_THREADS", "1")))
 
 
 def pytest_generate_tests(metafunc):
