@@ -67,6 +67,18 @@ def run(args: argparse.Namespace) -> None:
 
     checkpoint = compare.materialize(args.preset, device=args.device)
     log(f"checkpoint ready: {checkpoint}")
+    if args.fit_only:
+        args.fit = True
+    else:
+        run_phases(args, checkpoint, out)
+        log("phases done")
+    if args.fit:
+        run_fits(args, checkpoint, out, log)
+
+
+def run_phases(args: argparse.Namespace, checkpoint: str, out: Path) -> None:
+    from portable_kbit import compare
+
     with open(out / "phases.jsonl", "w") as sink:
         def emit(record: dict) -> None:
             sink.write(json.dumps(record) + "\n")
@@ -74,9 +86,9 @@ def run(args: argparse.Namespace) -> None:
 
         compare.compare(checkpoint, device=args.device, variants=args.variants.split(","), emit=emit,
                         steps=args.steps, seq_len=args.seq_len or compare.PRESETS[args.preset].seq_len)
-    log("phases done")
-    if not args.fit:
-        return
+
+
+def run_fits(args: argparse.Namespace, checkpoint: str, out: Path, log) -> None:
     with open(out / "fit.jsonl", "w") as sink:
         for variant in FIT_VARIANTS:
             process = subprocess.run(
@@ -98,6 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's (512 for mistral-7b)")
     parser.add_argument("--fit", action="store_true", help="also find the longest sequence under an 8 GiB cap (CUDA)")
+    parser.add_argument("--fit-only", action="store_true", help="only the fit search (phases.jsonl kept as it is)")
     parser.add_argument("--fit-start", type=int, default=1024)
     parser.add_argument("--fit-stop", type=int, default=6144)
     parser.add_argument("--fit-one", default=None, help=argparse.SUPPRESS)  # internal: one fit, in this process

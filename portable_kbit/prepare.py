@@ -101,7 +101,7 @@ def prepare(
             move_model(model, move_to, transaction)
         freeze_base_weights(model)
         cast_in_chunks(chunks, target, samples, transaction)
-        handles = add_dtype_flow_hooks(model, changes, activations, transaction)
+        handles, guarded = add_dtype_flow_hooks(model, changes, activations, budget, transaction)
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
@@ -109,7 +109,7 @@ def prepare(
         after = memory.take(target)
         report = build_report(
             target, changes, activations, budget, budget_source, chunks, required, before, after, samples,
-            time.perf_counter() - started, checkpointing, move_to, handles,
+            time.perf_counter() - started, checkpointing, move_to, guarded,
         )
     retire_previous_hooks(previous)
     remember(model, PrepState(report, handles, checkpointing))
@@ -268,14 +268,21 @@ def cast_in_chunks(
 
 
 def add_dtype_flow_hooks(
-    model: nn.Module, changes: plan.Plan, activations: str, transaction: Transaction
-) -> list:
+    model: nn.Module, changes: plan.Plan, activations: str, chunk_bytes: int, transaction: Transaction
+) -> tuple[list, int]:
     norms = {model.get_submodule(name): dtype for name, dtype in changes.upcast_norms.items()}
     skip = plan.adapter_submodules(model) | {id(m) for m in norms}
     consumers = [m for m in model.modules() if id(m) not in skip and is_strict_consumer(m)]
-    handles = install_flow_hooks(norms, consumers, activations)
+    handles = install_flow_hooks(norms, consumers, activations, _input_embeddings(model), chunk_bytes)
     transaction.on_undo(lambda: [h.remove() for h in handles])
-    return handles
+    return handles, len(consumers)
+
+
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def enable_gradient_checkpointing(
@@ -326,7 +333,7 @@ def finish_on_device(target: Target) -> None:
 
 def build_report(
     target, changes, activations, budget, budget_source, chunks, required, before, after, samples, seconds,
-    checkpointing, move_to, handles,
+    checkpointing, move_to, guarded,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
@@ -335,7 +342,6 @@ def build_report(
     for kind in changes.quantized.values():
         quantizers[kind] = quantizers.get(kind, 0) + 1
     peak = memory.peak_of(before, samples + [memory.take(target)])
-    guards = (len(handles) - 2 * len(changes.upcast_norms)) // 2
     return PrepReport(
         backend=target.backend.name,
         device=str(target.device),
@@ -344,7 +350,7 @@ def build_report(
         upcast=[c.name for c in changes.casts],
         already_fp32=changes.already_fp32,
         upcast_norms=list(changes.upcast_norms),
-        input_guards=guards,
+        input_guards=guarded,
         skipped_quantized=len(changes.quantized),
         quantizers=quantizers,
         adapters_from=changes.adapter_spec.source if changes.adapter_spec else None,

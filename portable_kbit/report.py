@@ -22,7 +22,7 @@ class PrepReport:
     upcast: list[str]  # parameters this call cast to fp32
     already_fp32: list[str]  # planned parameters that were fp32 before this call (e.g. a second prepare())
     upcast_norms: list[str]  # norm modules whose output dtype the flow hooks control
-    input_guards: int  # dtype-strict consumers given an input cast
+    input_guards: int  # dtype-strict consumers given an input cast (or, lm_head in "fp32" mode, an fp32 compute)
     skipped_quantized: int
     quantizers: dict[str, int]  # quantizer -> parameter count
     adapters_from: Optional[str]  # "PeftModel", "target_modules", "peft defaults for model_type", or None

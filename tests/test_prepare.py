@@ -365,3 +365,26 @@ def test_activations_set_upcast_norm_output_dtype(backend, device, activations, 
     assert seen == {name.rsplit(".", 1)[0]: expected for name in ADJACENT}
     assert torch.isfinite(logits.float()).all()
     assert portable_kbit.report(model).activations == activations
+
+
+def test_fp32_flow_computes_lm_head_in_fp32_without_an_fp32_weight(backend, device):
+    # lm_head stays bf16 in memory; with fp32 activations it computes in fp32 block by block (here 8 rows a block),
+    # forward and backward, which is what makes the loss curve match peft's fp32 lm_head.
+    model = load_bnb(backend, device)
+    portable_kbit.prepare(model, backend, target_modules=TARGETS, chunk_bytes=8 * 4 * 128)
+    head = model.lm_head
+    assert head.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 5, head.in_features, device=head.weight.device, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_(True)
+    y = head(x)
+    reference = torch.nn.functional.linear(reference_x, head.weight.detach().float())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    reference.square().sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-5, atol=1e-4)
+    assert head.weight.grad is None and head.weight.dtype == torch.bfloat16
+
+    portable_kbit.prepare(model, backend, target_modules=TARGETS, activations="native")  # back to a bf16 head
+    assert "forward" not in head.__dict__
+    assert head(x.detach().bfloat16()).dtype == torch.bfloat16

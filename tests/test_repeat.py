@@ -119,13 +119,14 @@ def test_second_call_switching_activations_replaces_the_flow_hooks(backend, devi
     model = load(arch, "quanto-int4", backend, device)
     norm = model.model.layers[0].input_layernorm
     x = tiny.batch(256, 8, 0, device)
-    hooks = None
+    hooks_by_mode: dict = {}
     for activations, expected in (("fp32", torch.float32), ("native", torch.bfloat16), ("fp32", torch.float32)):
         portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], activations=activations)
         assert norm.weight.dtype == torch.float32
-        if hooks is None:
-            hooks = hooks_per_module(model)
-        assert hooks_per_module(model) == hooks
+        # The modes install different hooks (fp32 also casts the embedding output up and computes lm_head in fp32
+        # through an instance forward); a repeat of a mode installs exactly what its first call did: no duplicates.
+        assert hooks_by_mode.setdefault(activations, hooks_per_module(model)) == hooks_per_module(model)
+        assert ("forward" in model.lm_head.__dict__) == (activations == "fp32")
         seen = []
         probe = norm.register_forward_hook(lambda m, a, out: seen.append(out.dtype))  # after the flow hooks
         with torch.no_grad():

@@ -164,18 +164,18 @@ def _fail_after(function):
     return wrapper
 
 
-def _hooks_then_fail(norms, consumers, activations):
+def _hooks_then_fail(norms, consumers, activations, *rest):
     from portable_kbit.flow import install
 
-    install(norms, consumers, activations)  # hooks registered, handles never returned to prepare()
+    install(norms, consumers, activations, *rest)  # hooks registered, handles never returned to prepare()
     raise InjectedFault("injected failure while installing hooks")
 
 
-def _partial_hooks_then_fail(norms, consumers, activations):
+def _partial_hooks_then_fail(norms, consumers, activations, *rest):
     # hooks on the first half of the consumers, then the failure: as if a hook's registration raised midway
     from portable_kbit.flow import install
 
-    install(norms, consumers[: len(consumers) // 2], activations)
+    install(norms, consumers[: len(consumers) // 2], activations, *rest)
     raise InjectedFault("injected failure while installing hooks")
 
 
