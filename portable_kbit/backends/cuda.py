@@ -32,18 +32,10 @@ class CudaBackend(Backend):
 
     def allocator_stats(self, device: torch.device) -> AllocatorStats:
         index = self._index(device)
-        allocated = probe(accelerator_function("memory_allocated"), index)
-        if allocated is None:
-            allocated = probe(torch.cuda.memory_allocated, index)
-        reserved = probe(accelerator_function("memory_reserved"), index)
-        if reserved is None:
-            reserved = probe(torch.cuda.memory_reserved, index)
-        peak_allocated = probe(accelerator_function("max_memory_allocated"), index)
-        if peak_allocated is None:
-            peak_allocated = probe(torch.cuda.max_memory_allocated, index)
-        peak_reserved = probe(accelerator_function("max_memory_reserved"), index)
-        if peak_reserved is None:
-            peak_reserved = probe(torch.cuda.max_memory_reserved, index)
+        allocated = self._counter("memory_allocated", index)
+        reserved = self._counter("memory_reserved", index)
+        peak_allocated = self._counter("max_memory_allocated", index)
+        peak_reserved = self._counter("max_memory_reserved", index)
         free, total = self._memory_info(index)
         notes: tuple[str, ...] = ()
         if self.is_unified(device):
@@ -75,6 +67,12 @@ class CudaBackend(Backend):
                 torch.cuda.empty_cache()
         except RuntimeError:
             torch.cuda.empty_cache()
+
+    @staticmethod
+    def _counter(name: str, index: int) -> Optional[int]:
+        """torch.accelerator.<name> where this torch has it (2.9+), else torch.cuda.<name> (torch 2.5-2.8)."""
+        value = probe(accelerator_function(name), index)
+        return value if value is not None else probe(getattr(torch.cuda, name), index)
 
     def _memory_info(self, index: int) -> tuple[Optional[int], Optional[int]]:
         for get_info in (accelerator_function("get_memory_info"), torch.cuda.mem_get_info):
