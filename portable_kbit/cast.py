@@ -28,8 +28,9 @@ def chunked(casts: list[ParamCast], budget: int) -> list[list[ParamCast]]:
 
 
 def required_bytes(chunks: list[list[ParamCast]]) -> int:
-    """Memory the casts need at their worst moment: the net growth of all of them, plus the largest chunk's new tensors
-    (a caching allocator cannot reuse the smaller freed blocks for them until it is released)."""
+    """Memory the casts need at their worst moment: the net growth of all of them, plus the largest chunk's old
+    tensors (while a chunk is cast its old and new tensors both exist, and a caching allocator holds the freed old
+    blocks until the one release at the end)."""
     growth = sum(c.new_bytes - c.old_bytes for chunk in chunks for c in chunk)
     largest = max((sum(c.old_bytes for c in chunk) for chunk in chunks), default=0)
     return growth + largest
