@@ -67,9 +67,10 @@ def prepare(
             ``"norms"``: every norm. ``"none"``: nothing. ``"peft"``: every non-quantized fp16/bf16 parameter,
             as peft does (embeddings and lm_head included), but chunked. Parameters of ``modules_to_save`` (trained
             in full) are upcast to fp32 under every policy.
-        activations: ``"fp32"`` (default): the upcast norms hand fp32 on, so adapted layers compute in fp32 as with
-            peft (same loss curve). ``"native"``: they hand on the model's dtype: lowest memory, learns slightly
-            slower in the first steps.
+        activations: ``"fp32"`` (default): the upcast norms and the embedding hand fp32 on, so adapted layers
+            compute in fp32 as with peft, and a frozen bf16/fp16 ``lm_head`` computes in fp32 block by block without
+            an fp32 copy of its weight: the same loss curve as peft. ``"native"``: the upcast norms hand on the
+            model's dtype: lowest memory (that of no preparation), learns slightly slower in the first steps.
         use_gradient_checkpointing: enable transformers' gradient checkpointing (and input gradients where the
             reentrant variant needs them), as peft does.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``).
