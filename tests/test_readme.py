@@ -21,7 +21,7 @@ BLOCK = re.compile(
     r"(?:<!--\s*no-test:\s*(?P<reason>.*?)\s*-->[ \t]*\n\s*)?^```(?P<lang>python|bash)[ \t]*\n(?P<code>.*?)^```",
     re.S | re.M,
 )
-SETUP_COMMANDS = ['pip install -e . && python -m portable_kbit demo', 'pip install -e ".[test]" && python -m pytest -q']
+SETUP_COMMANDS = ['pip install -e ".[demo]" && python -m portable_kbit demo', 'pip install -e ".[test]" && python -m pytest -q']
 
 
 @dataclasses.dataclass
