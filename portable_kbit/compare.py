@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.metadata
 import inspect
 import json
@@ -268,8 +269,9 @@ def run_variant(
                 cap_memory(target, memory_fraction)
                 extra["memory_fraction"] = memory_fraction
             extra["versions"] = versions()
-            import peft  # noqa: F401 - imported here so that no variant's "prep" phase pays for the import
-            from . import prepare as _  # noqa: F401
+            # peft is imported here, so that no variant's "prep" phase pays for the import (portable_kbit's own
+            # prepare module is imported with the package)
+            importlib.import_module("peft")
         with phases.phase("load") as (extra, _):
             model = tiny.load(checkpoint_path, quantizer, str(target.device))
         with phases.phase("prep") as (extra, _):
