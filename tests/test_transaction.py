@@ -122,32 +122,27 @@ def test_kth_chunk_failure_restores_everything(backend, device, arch, quantizer,
     trains(model, arch)
 
 
+FAULTS = {  # what a chunk raises, where in the chunk, and the message the re-raised error must keep
+    "out of memory": (lambda k: torch.OutOfMemoryError(f"CUDA out of memory (injected, chunk {k})"), "middle", "injected"),
+    "KeyboardInterrupt": (lambda k: KeyboardInterrupt(), "after", None),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("arch,quantizer", MODELS, ids=[f"{a}-{q}" for a, q in MODELS])
-def test_out_of_memory_in_a_chunk_restores_everything(backend, device, arch, quantizer, monkeypatch):
+def test_fault_in_a_chunk_restores_everything(backend, device, arch, quantizer, fault, monkeypatch):
+    make_error, where, message = FAULTS[fault]
     model = load(arch, quantizer, backend, device)
     sizes = plan_chunks(model, arch)
     before = model_state.take(model)
     for k in range(len(sizes)):
+        error = make_error(k)
         with monkeypatch.context() as patch:
-            fail_on_chunk(patch, k, "middle", torch.OutOfMemoryError(f"CUDA out of memory (injected, chunk {k})"))
-            with pytest.raises(torch.OutOfMemoryError, match="injected") as raised:
+            fail_on_chunk(patch, k, where, error)
+            with pytest.raises(type(error), match=message) as raised:
                 portable_kbit.prepare(model, **prepare_args(arch))
         restored_note(raised.value)
-        model_state.assert_unchanged(before, model, f"out of memory in chunk {k}")
-
-
-@pytest.mark.parametrize("arch,quantizer", MODELS, ids=[f"{a}-{q}" for a, q in MODELS])
-def test_keyboard_interrupt_in_a_chunk_restores_everything(backend, device, arch, quantizer, monkeypatch):
-    model = load(arch, quantizer, backend, device)
-    sizes = plan_chunks(model, arch)
-    before = model_state.take(model)
-    for k in range(len(sizes)):
-        with monkeypatch.context() as patch:
-            fail_on_chunk(patch, k, "after", KeyboardInterrupt())
-            with pytest.raises(KeyboardInterrupt) as raised:
-                portable_kbit.prepare(model, **prepare_args(arch))
-        restored_note(raised.value)
-        model_state.assert_unchanged(before, model, f"KeyboardInterrupt after chunk {k}")
+        model_state.assert_unchanged(before, model, f"{fault} {where} chunk {k}")
     trains(model, arch)
 
 
