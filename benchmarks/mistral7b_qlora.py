@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 GiB = 1 << 30
 FIT_VARIANTS = ("peft", "ours-fp32", "ours-native")
@@ -101,7 +101,7 @@ def run_fits(args: argparse.Namespace, checkpoint: str, out: Path, log) -> None:
             log(f"fit {variant}: {lines[-1] if lines else process.stderr[-800:]}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mistral-7b", help="a portable_kbit.compare preset (mistral-7b, small, tiny)")
     parser.add_argument("--device", default="auto")

@@ -11,7 +11,7 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 MiB = 1 << 20
 COLUMNS = ("peft", "ours-fp32", "ours-native", "ours-peft", "peft-noclear", "none")
@@ -29,7 +29,7 @@ def by_variant(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
     return out
 
 
-def _minus(a: Optional[int], b: Optional[int]) -> Optional[float]:
+def _minus(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else (a - b) / MiB
 
 

@@ -6,7 +6,7 @@ needs to be kept in memory to restore a parameter.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .plan import ParamCast
 
@@ -42,7 +42,7 @@ class CastJournal:
     def __init__(self) -> None:
         self.done: list[ParamCast] = []
 
-    def apply(self, chunk: list[ParamCast], before_each: Optional[Callable[[ParamCast], None]] = None) -> None:
+    def apply(self, chunk: list[ParamCast], before_each: Callable[[ParamCast], None] | None = None) -> None:
         for cast in chunk:
             if before_each is not None:
                 before_each(cast)

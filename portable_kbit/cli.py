@@ -10,14 +10,15 @@ import logging
 import math
 import sys
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from . import __version__
 
 DESCRIPTION = "Prepare a quantized LLM for LoRA/QLoRA training without spending memory: tools."
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the console script with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -115,7 +116,7 @@ def environment(probe: bool = True) -> dict[str, Any]:
                            "works": reason is None, "why_not": reason})
     default_backend = available[0]["name"]
     try:
-        default_quantizer: Optional[str] = next(
+        default_quantizer: str | None = next(
             q for q in quantizers.preference(default_backend)
             if any(p["quantizer"] == q and p["backend"] == default_backend and p["works"] for p in probes)
         ) if probe else quantizers.choose(default_backend)

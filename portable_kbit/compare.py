@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -102,12 +103,12 @@ def default_cache_dir() -> str:
     return os.environ.get("PORTABLE_KBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "portable_kbit")
 
 
-def preset_path(name: str, cache_dir: Optional[str] = None) -> str:
+def preset_path(name: str, cache_dir: str | None = None) -> str:
     """The folder a preset is (or will be) saved in."""
     return os.path.join(cache_dir or default_cache_dir(), "presets", name)
 
 
-def build_preset(name: str, cache_dir: Optional[str] = None, seed: int = 0, device: Optional[str] = None) -> str:
+def build_preset(name: str, cache_dir: str | None = None, seed: int = 0, device: str | None = None) -> str:
     """Save the preset's random bf16 checkpoint once (a complete folder or none: written aside, then renamed).
 
     With `device` (an accelerator with room for the whole model), the random weights are made there, which is much
@@ -142,7 +143,7 @@ def build_preset(name: str, cache_dir: Optional[str] = None, seed: int = 0, devi
     return path
 
 
-def materialize(path_or_preset: str, cache_dir: Optional[str] = None, device: Optional[str] = None) -> str:
+def materialize(path_or_preset: str, cache_dir: str | None = None, device: str | None = None) -> str:
     """A local checkpoint folder as is, or a preset's folder (built on first use; a big one in a subprocess, on
     `device` where it fits)."""
     if os.path.isdir(path_or_preset):
@@ -166,7 +167,7 @@ def materialize(path_or_preset: str, cache_dir: Optional[str] = None, device: Op
     return path
 
 
-def lora_targets(checkpoint_path: str) -> Optional[list[str]]:
+def lora_targets(checkpoint_path: str) -> list[str] | None:
     """The attention projections for the checkpoint's model_type (None: peft's defaults for it)."""
     try:
         with open(os.path.join(checkpoint_path, "config.json")) as handle:
@@ -185,7 +186,7 @@ class _Stop(Exception):
 
 
 class _Phases:
-    def __init__(self, target: backends.Target, base: dict[str, Any], emit: Optional[Callable[[dict], None]]):
+    def __init__(self, target: backends.Target, base: dict[str, Any], emit: Callable[[dict], None] | None):
         self.target, self.base, self.emit = target, base, emit
         self.records: list[dict[str, Any]] = []
 
@@ -197,11 +198,11 @@ class _Phases:
         started = time.perf_counter()
         extra: dict[str, Any] = {}
         samples: list[memory.MemorySnapshot] = []
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             yield extra, samples
             backend.synchronize(device)
-        except Exception as failure:  # noqa: BLE001 - recorded (out of memory is the interesting case)
+        except Exception as failure:
             error = failure
         seconds = time.perf_counter() - started
         after = memory.take(self.target)
@@ -231,13 +232,13 @@ def run_variant(
     device: str = "auto",
     steps: int = 5,
     seq_len: int = 512,
-    quantizer: Optional[str] = None,
+    quantizer: str | None = None,
     *,
-    targets: Optional[Sequence[str]] = None,
+    targets: Sequence[str] | None = None,
     lr: float = 1e-4,
     r: int = 16,
-    memory_fraction: Optional[float] = None,
-    emit: Optional[Callable[[dict], None]] = None,
+    memory_fraction: float | None = None,
+    emit: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the job for one variant in this process; returns one record per phase (the failing phase last, with
     "error"). Run each variant in a fresh process for comparable numbers: allocator caches and peaks carry over.
@@ -363,9 +364,9 @@ def cap_memory(target: backends.Target, fraction: float) -> None:
     torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
-def versions() -> dict[str, Optional[str]]:
+def versions() -> dict[str, str | None]:
     """Installed versions of the packages that decide the numbers (None: not installed)."""
-    out: dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in ("portable-kbit", "torch", "transformers", "peft", "bitsandbytes", "optimum-quanto", "accelerate",
                  "psutil"):
         try:
@@ -388,9 +389,9 @@ def _child_env() -> dict[str, str]:
 
 
 def run_in_subprocess(
-    checkpoint_path: str, variant: str, device: str, steps: int, seq_len: int, quantizer: Optional[str],
-    targets: Optional[Sequence[str]] = None, memory_fraction: Optional[float] = None,
-    emit: Optional[Callable[[dict], None]] = None, timeout: Optional[float] = None,
+    checkpoint_path: str, variant: str, device: str, steps: int, seq_len: int, quantizer: str | None,
+    targets: Sequence[str] | None = None, memory_fraction: float | None = None,
+    emit: Callable[[dict], None] | None = None, timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one)."""
     command = [sys.executable, "-m", "portable_kbit", "compare", checkpoint_path, "--variant", variant,
@@ -432,13 +433,13 @@ def run_in_subprocess(
 def compare(
     path_or_preset: str,
     device: str = "auto",
-    steps: Optional[int] = None,
-    seq_len: Optional[int] = None,
+    steps: int | None = None,
+    seq_len: int | None = None,
     variants: Sequence[str] = DEFAULT_VARIANTS,
-    quantizer: Optional[str] = None,
-    memory_fraction: Optional[float] = None,
-    cache_dir: Optional[str] = None,
-    emit: Optional[Callable[[dict], None]] = None,
+    quantizer: str | None = None,
+    memory_fraction: float | None = None,
+    cache_dir: str | None = None,
+    emit: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every variant in its own process on a local checkpoint or a preset; all their phase records.
 
@@ -478,11 +479,11 @@ def _metrics(records: Sequence[dict]) -> list[tuple[str, str, str]]:
     return [("process_rss", "peak_process_rss", "process RSS")]
 
 
-def _mib(value: Optional[float]) -> str:
+def _mib(value: float | None) -> str:
     return "" if value is None else f"{value / MiB:.0f}"
 
 
-def _signed_mib(value: Optional[float]) -> str:
+def _signed_mib(value: float | None) -> str:
     return "" if value is None else f"{value / MiB:+.0f}"
 
 
@@ -515,7 +516,7 @@ def table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + f"\n({unit})"
 
 
-def plot(records: Sequence[dict], path: str, title: Optional[str] = None) -> str:
+def plot(records: Sequence[dict], path: str, title: str | None = None) -> str:
     """Draw allocated and reserved (process RSS where the device has no allocator) at the end of each phase for
     each variant, with the phase's peak as a tick; save a PNG to `path`. Needs matplotlib (the "plot" extra)."""
     try:

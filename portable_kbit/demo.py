@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 from . import backends, quantizers, tiny
 from .prepare import prepare, report
@@ -18,7 +18,7 @@ CHECKPOINTING = {"use_reentrant": False}
 def run(
     device: str = "auto",
     steps: int = 5,
-    quantizer: Optional[str] = None,
+    quantizer: str | None = None,
     activations: str = "fp32",
     lr: float = 1e-2,
     seq_len: int = 32,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .backends import BackendUnavailableError
 
 MiB = 1 << 20
@@ -12,7 +10,7 @@ MiB = 1 << 20
 class MemoryPressureError(RuntimeError):
     """The planned casts do not fit in the memory measured free on the device; the model was not changed."""
 
-    def __init__(self, device: str, required: int, headroom: int, chunk_bytes: int, hint: Optional[str] = None):
+    def __init__(self, device: str, required: int, headroom: int, chunk_bytes: int, hint: str | None = None):
         self.device = device
         self.required = required
         self.headroom = headroom

@@ -10,7 +10,7 @@ Two rules, both explicit rather than left to dtype promotion inside each archite
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ STRICT_TYPES: tuple[type, ...] = tuple(
 )
 
 
-def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -41,12 +41,12 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
     return type(value)((tensor, *value[1:])) if isinstance(value, tuple) else [tensor, *value[1:]]
 
 
-def _weight_dtype(module: nn.Module) -> Optional[torch.dtype]:
+def _weight_dtype(module: nn.Module) -> torch.dtype | None:
     weight = getattr(module, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else None
 
 
-def _compute_dtype(module: nn.Module) -> Optional[torch.dtype]:
+def _compute_dtype(module: nn.Module) -> torch.dtype | None:
     """A leaf layer with quantized (integer) weights that dequantizes to a `compute_dtype` (HQQLinear and the like):
     its matmul needs the input in that dtype."""
     dtype = getattr(module, "compute_dtype", None)
@@ -62,7 +62,7 @@ class UpcastNormFlow:
     def __init__(self, flow_dtype: torch.dtype) -> None:
         self.flow_dtype = flow_dtype
 
-    def before(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+    def before(self, module: nn.Module, args: tuple) -> tuple | None:
         x = _first_tensor(args)
         dtype = _weight_dtype(module)
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
@@ -80,9 +80,9 @@ class InputDtypeGuard:
     """Hooks for a dtype-strict consumer: compute in the weight dtype, return the caller's dtype."""
 
     def __init__(self) -> None:
-        self.pending: list[Optional[torch.dtype]] = []
+        self.pending: list[torch.dtype | None] = []
 
-    def before(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+    def before(self, module: nn.Module, args: tuple) -> tuple | None:
         x = _first_tensor(args)
         dtype = _weight_dtype(module) or _compute_dtype(module)
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
@@ -111,7 +111,7 @@ class FrozenLinearInFp32(torch.autograd.Function):
     rows at a time, in the forward and again in the backward (only the half-precision parameter is saved)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.rows = rows
         out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
@@ -187,7 +187,7 @@ def install(
     upcast_norms: dict[nn.Module, torch.dtype],
     consumers: list[nn.Module],
     activations: str,
-    input_embeddings: Optional[nn.Module] = None,
+    input_embeddings: nn.Module | None = None,
     chunk_bytes: int = 64 << 20,
 ) -> list:
     """Register the hooks; returns their handles (removing them restores the original forward).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 import torch
@@ -29,18 +29,18 @@ class MemorySnapshot:
 
     backend: str
     device: str
-    allocated: Optional[int]
-    reserved: Optional[int]
-    device_free: Optional[int]
-    device_total: Optional[int]
+    allocated: int | None
+    reserved: int | None
+    device_free: int | None
+    device_total: int | None
     host_available: int
     host_total: int
     process_rss: int
     unified: bool
     taken_at: float
-    peak_allocated: Optional[int] = None
-    peak_reserved: Optional[int] = None
-    headroom: Optional[int] = None
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    headroom: int | None = None
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,7 +51,7 @@ class MemorySnapshot:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
-    def mib(self, field: str) -> Optional[float]:
+    def mib(self, field: str) -> float | None:
         value = getattr(self, field)
         return None if value is None else round(value / MiB, 1)
 
@@ -81,7 +81,7 @@ def take(target: Target) -> MemorySnapshot:
     )
 
 
-def snapshot(device: "str | torch.device" = "auto") -> MemorySnapshot:
+def snapshot(device: str | torch.device = "auto") -> MemorySnapshot:
     """A MemorySnapshot of `device` ("auto": the first available accelerator, else the CPU)."""
     return take(backends.resolve(device))
 
@@ -90,7 +90,7 @@ def peak_of(before: MemorySnapshot, samples: list[MemorySnapshot]) -> MemorySnap
     """The highest reading over a window: the allocator's own peak where it keeps one, else the polled maximum."""
     last = samples[-1] if samples else before
 
-    def highest(field: str, peak_field: Optional[str] = None) -> Optional[int]:
+    def highest(field: str, peak_field: str | None = None) -> int | None:
         values = [getattr(s, field) for s in [before, *samples] if getattr(s, field) is not None]
         if peak_field is not None:
             values += [getattr(s, peak_field) for s in samples if getattr(s, peak_field) is not None]

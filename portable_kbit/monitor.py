@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from transformers.trainer_callback import TrainerCallback
@@ -59,8 +59,8 @@ class MemoryMonitor(TrainerCallback):
     def __init__(
         self,
         every_n_steps: int = 10,
-        device: Union[str, torch.device] = "auto",
-        warn_below_fraction: Optional[float] = 0.1,
+        device: str | torch.device = "auto",
+        warn_below_fraction: float | None = 0.1,
         release_under_pressure: bool = False,
     ):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -75,19 +75,19 @@ class MemoryMonitor(TrainerCallback):
         self.steps: list[int] = []
         self.releases: list[int] = []
         self.warned = False
-        self._target: Optional[backends.Target] = None
+        self._target: backends.Target | None = None
         self._step = 0
 
     # ---- by hand ------------------------------------------------------------------------------------------------
 
-    def watch(self, model: torch.nn.Module) -> "MemoryMonitor":
+    def watch(self, model: torch.nn.Module) -> MemoryMonitor:
         """Watch the device `model` lives on (what device="auto" does at the start of a Trainer run)."""
         parameter = next(model.parameters(), None)
         model_device = parameter.device if parameter is not None else None
         self._target = backends.resolve(self.device, model_device)
         return self
 
-    def step(self, step: Optional[int] = None) -> Optional[MemorySnapshot]:
+    def step(self, step: int | None = None) -> MemorySnapshot | None:
         """Count one optimizer step (or set the step number); take a snapshot when it is due, else return None."""
         self._step = self._step + 1 if step is None else step
         if self._step % self.every_n_steps == 0:
@@ -127,7 +127,7 @@ class MemoryMonitor(TrainerCallback):
         cached_unused = snap.reserved - snap.allocated
         return cached_unused >= RELEASE_MIN_CACHED_BYTES and available <= RELEASE_MAX_AVAILABLE_FRACTION * total
 
-    def log_values(self, snap: Optional[MemorySnapshot] = None) -> dict[str, float]:
+    def log_values(self, snap: MemorySnapshot | None = None) -> dict[str, float]:
         """The readings of `snap` (default: the latest) as ``{"memory/<name>_mib": MiB}``, unknown ones left out."""
         snap = snap if snap is not None else (self.snapshots[-1] if self.snapshots else None)
         if snap is None:

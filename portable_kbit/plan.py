@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class Plan:
     policy: str
     casts: list[ParamCast]
     upcast_norms: dict[str, torch.dtype]  # norm module name -> its dtype before the upcast
-    adapter_spec: Optional[AdapterSpec]
+    adapter_spec: AdapterSpec | None
     quantized: dict[str, str]  # parameter name -> quantizer
     already_fp32: list[str]
     notes: list[str]
@@ -157,7 +158,7 @@ def _matches_modules_to_save(name: str, modules_to_save: Iterable[str]) -> bool:
     return any(name == key or name.endswith("." + key) for key in modules_to_save)
 
 
-def adapter_spec(model: nn.Module, target_modules: Any) -> Optional[AdapterSpec]:
+def adapter_spec(model: nn.Module, target_modules: Any) -> AdapterSpec | None:
     """The adapted modules. None when nothing says where adapters go (no PeftModel, no targets, no peft default)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -223,7 +224,7 @@ def layer_pattern(name: str) -> str:
     return LAYER_INDEX.sub(".*", name)
 
 
-def _fill_pattern(pattern: str, indices: list[str]) -> Optional[str]:
+def _fill_pattern(pattern: str, indices: list[str]) -> str | None:
     parts = pattern.split(".*")
     if len(parts) - 1 > len(indices):
         return None
@@ -276,7 +277,7 @@ class _CannotTraceOnMeta(Exception):
     pass
 
 
-def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> dict[str, Optional[str]]:
+def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> dict[str, str | None]:
     """For each adapted module pattern (layer indices as *), the norm pattern whose output is its input, if any.
 
     First on the meta device, with every weight-holding layer replaced by a shape-only stand-in: no kernel runs and
@@ -291,15 +292,15 @@ def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) 
     return _trace(model, adapted, norms, "real")
 
 
-def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: str) -> dict[str, Optional[str]]:
+def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: str) -> dict[str, str | None]:
     modules = dict(model.named_modules())
     wanted = {layer_pattern(n) for n in adapted}
-    feeding: dict[str, Optional[str]] = {}
+    feeding: dict[str, str | None] = {}
     norm_outputs: dict[int, str] = {}  # id of a norm's output tensor -> norm name
     keep_alive: list[torch.Tensor] = []  # so no id is reused within the trace
     handles = []
 
-    def producer(tensor: Optional[torch.Tensor]) -> Optional[str]:
+    def producer(tensor: torch.Tensor | None) -> str | None:
         while isinstance(tensor, torch.Tensor):
             if id(tensor) in norm_outputs:
                 return norm_outputs[id(tensor)]
@@ -456,7 +457,7 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
     return Plan(policy, casts, norm_dtypes, spec, quantized, already, notes)
 
 
-def _modules_to_save_targets(model: nn.Module, spec: Optional[AdapterSpec]) -> list[str]:
+def _modules_to_save_targets(model: nn.Module, spec: AdapterSpec | None) -> list[str]:
     """Modules trained in full: the trainable copies of a PeftModel, or what the LoraConfig names."""
     if spec is None:
         return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,19 +34,19 @@ class PrepState:
 
     report: PrepReport
     hook_handles: list
-    checkpointing_kwargs: Optional[dict]
+    checkpointing_kwargs: dict | None
 
 
 def prepare(
     model: nn.Module,
-    device: Union[str, torch.device, bool] = "auto",
+    device: str | torch.device | bool = "auto",
     *,
     target_modules: Any = None,
     upcast: str = "adjacent",
     activations: str = "fp32",
     use_gradient_checkpointing: bool = True,
-    gradient_checkpointing_kwargs: Optional[dict] = None,
-    chunk_bytes: Optional[int] = None,
+    gradient_checkpointing_kwargs: dict | None = None,
+    chunk_bytes: int | None = None,
 ) -> nn.Module:
     """Prepare a quantized transformers model (or a PeftModel) for LoRA/QLoRA training; returns the same model.
 
@@ -117,7 +117,7 @@ def prepare(
     return model
 
 
-def report(model: nn.Module) -> Optional[PrepReport]:
+def report(model: nn.Module) -> PrepReport | None:
     """The PrepReport of the last prepare() on this model, or None if it was never prepared."""
     state = getattr(model, STATE_ATTRIBUTE, None)
     return state.report if state is not None else None
@@ -133,7 +133,7 @@ def _peft_positional_compat(device: Any, use_gradient_checkpointing: bool) -> tu
     return device, use_gradient_checkpointing
 
 
-def check_options(upcast: str, activations: str, chunk_bytes: Optional[int], checkpointing_kwargs: Any) -> None:
+def check_options(upcast: str, activations: str, chunk_bytes: int | None, checkpointing_kwargs: Any) -> None:
     if upcast not in plan.POLICIES:
         raise ValueError(f"upcast={upcast!r} is not a policy; use one of {', '.join(map(repr, plan.POLICIES))}")
     if activations not in ACTIVATIONS:
@@ -179,7 +179,7 @@ def model_devices(model: nn.Module) -> list[torch.device]:
     return list(seen)
 
 
-def resolve_target(model: nn.Module, device: Any) -> tuple[Target, Optional[torch.device]]:
+def resolve_target(model: nn.Module, device: Any) -> tuple[Target, torch.device | None]:
     """The backend and device to prepare on, and the device to move a CPU model to (None: no move)."""
     devices = model_devices(model)
     kinds = sorted({d.type for d in devices})
@@ -219,7 +219,7 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def chunk_budget(target: Target, before: MemorySnapshot, chunk_bytes: Optional[int]) -> tuple[int, str]:
+def chunk_budget(target: Target, before: MemorySnapshot, chunk_bytes: int | None) -> tuple[int, str]:
     if chunk_bytes is not None:
         return chunk_bytes, "argument"
     default = target.backend.chunk_budget(None, before.unified)
@@ -279,7 +279,7 @@ def add_dtype_flow_hooks(
     return handles, len(consumers)
 
 
-def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
     try:
         return model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -287,8 +287,8 @@ def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
 
 
 def enable_gradient_checkpointing(
-    model: nn.Module, enabled: bool, kwargs: Optional[dict], previous: Optional[PrepState]
-) -> Optional[dict]:
+    model: nn.Module, enabled: bool, kwargs: dict | None, previous: PrepState | None
+) -> dict | None:
     """As peft: input gradients unless use_reentrant=False, then transformers' own checkpointing.
 
     Returns the kwargs used (None: not enabled). A repeat with the same kwargs changes nothing (no duplicate hooks).
@@ -316,7 +316,7 @@ def _input_grads_enabled(hf_model: nn.Module) -> bool:
     return bool(getattr(hf_model, "_require_grads_hooks", None) or getattr(hf_model, "_require_grads_hook", None))
 
 
-def retire_previous_hooks(previous: Optional[PrepState]) -> None:
+def retire_previous_hooks(previous: PrepState | None) -> None:
     """The new call's hooks replace the last call's: no duplicates after a repeat."""
     if previous is not None:
         for handle in previous.hook_handles:

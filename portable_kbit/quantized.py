@@ -8,11 +8,9 @@ torch.Tensor (an integer dtype, a tensor subclass) is treated as quantized by an
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 from torch import nn
-
 
 _KNOWN_TYPES_CACHE: dict[frozenset, list] = {}
 
@@ -47,7 +45,7 @@ def _import_known_types() -> list[tuple[str, tuple[type, ...]]]:
     return known
 
 
-def quantization_kind(tensor: torch.Tensor) -> Optional[str]:
+def quantization_kind(tensor: torch.Tensor) -> str | None:
     """None for a plain floating-point tensor we may cast; else the quantizer's name ("unknown ..." if not ours)."""
     data = tensor.data if isinstance(tensor, nn.Parameter) and type(tensor) is nn.Parameter else tensor
     for kind, types in _known_types():

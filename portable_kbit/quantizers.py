@@ -8,7 +8,6 @@ family costs a few seconds; the layer itself takes milliseconds.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch
 
@@ -49,7 +48,7 @@ def preference(backend_name: str) -> tuple[str, ...]:
     return PREFERENCE.get(backend_name, FALLBACK)
 
 
-def probe(quantizer: str, device: "str | torch.device" = "cpu") -> Optional[str]:
+def probe(quantizer: str, device: str | torch.device = "cpu") -> str | None:
     """None if `quantizer` quantizes a linear layer on `device` and runs forward and backward there; else why not."""
     if not installed(quantizer):
         return f"{package_of(quantizer)} is not installed"
@@ -61,13 +60,13 @@ def probe(quantizer: str, device: "str | torch.device" = "cpu") -> Optional[str]
         out.float().sum().backward()
         if x.grad is None or not bool(torch.isfinite(x.grad).all()):
             return "the backward pass gave no finite input gradient"
-    except Exception as error:  # noqa: BLE001 - any failure means "does not work here"; say which
+    except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
         return f"{type(error).__name__}: {first_line[:200]}"
     return None
 
 
-def choose(backend_name: str, device: "str | torch.device | None" = None) -> str:
+def choose(backend_name: str, device: str | torch.device | None = None) -> str:
     """The quantizer to use on a backend: the first of its preference that works (probed on `device` when given,
     else only checked for being installed). Raises RuntimeError when none does."""
     reasons = []

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any
 
 from .memory import MemorySnapshot, MiB
 
 
-def _delta(after: Optional[int], before: Optional[int]) -> Optional[int]:
+def _delta(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
 
 
@@ -25,12 +25,12 @@ class PrepReport:
     input_guards: int  # dtype-strict consumers given an input cast (or, lm_head in "fp32" mode, an fp32 compute)
     skipped_quantized: int
     quantizers: dict[str, int]  # quantizer -> parameter count
-    adapters_from: Optional[str]  # "PeftModel", "target_modules", "peft defaults for model_type", or None
+    adapters_from: str | None  # "PeftModel", "target_modules", "peft defaults for model_type", or None
     chunk_bytes: int
     chunk_bytes_source: str  # "argument", "backend default", or "shrunk by memory pressure"
     chunks: int
     required_bytes: int
-    headroom_bytes: Optional[int]
+    headroom_bytes: int | None
     seconds: float
     gradient_checkpointing: bool
     before: MemorySnapshot
@@ -39,15 +39,15 @@ class PrepReport:
     notes: list[str]
 
     @property
-    def allocated_delta(self) -> Optional[int]:
+    def allocated_delta(self) -> int | None:
         return _delta(self.after.allocated, self.before.allocated)
 
     @property
-    def reserved_delta(self) -> Optional[int]:
+    def reserved_delta(self) -> int | None:
         return _delta(self.after.reserved, self.before.reserved)
 
     @property
-    def peak_allocated_delta(self) -> Optional[int]:
+    def peak_allocated_delta(self) -> int | None:
         return _delta(self.peak.allocated, self.before.allocated)
 
     @property
@@ -81,7 +81,7 @@ class PrepReport:
     def summary(self) -> str:
         """A few human lines."""
 
-        def mib(value: Optional[int]) -> str:
+        def mib(value: int | None) -> str:
             return "n/a" if value is None else f"{value / MiB:+.1f} MiB"
 
         lines = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -68,7 +68,7 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
     raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checkpoint(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: int = 256, seed: int = 0) -> str:
     """Build a random bf16 model of `arch` and save it to a temporary folder (once per process); returns the path."""
     from transformers import AutoModelForCausalLM
@@ -80,7 +80,7 @@ def checkpoint(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: i
     return path
 
 
-def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloat16) -> Optional[Any]:
+def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloat16) -> Any | None:
     from transformers import BitsAndBytesConfig, QuantoConfig
 
     if quantizer in ("bnb-nf4", "bnb-fp4"):

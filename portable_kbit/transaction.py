@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -26,7 +26,7 @@ class Transaction:
     def on_undo(self, step: Callable[[], None]) -> None:
         self.undo_steps.append(step)
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         self._remember_hooks_and_flags()
         return self
 

@@ -96,7 +96,7 @@ class ModelState:
     config: Any
     attributes: dict[str, Any]
 
-    def diff(self, other: "ModelState") -> list[str]:
+    def diff(self, other: ModelState) -> list[str]:
         """Human lines, one per difference (empty: identical)."""
         out: list[str] = []
         for kind in ("params", "buffers"):

@@ -28,7 +28,7 @@ class Run:
     workdir: Path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run_once(argv: tuple[str, ...]) -> Run:
     """cli.main(argv) in a fresh working directory, once per session per argv; presets cached in that directory."""
     workdir = Path(tempfile.mkdtemp(prefix="portable_kbit_cli_"))

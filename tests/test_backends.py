@@ -20,7 +20,8 @@ from conftest import bitsandbytes_supports
 
 import portable_kbit
 from portable_kbit import backends, tiny
-from portable_kbit.backends import BackendUnavailableError, mps as mps_module
+from portable_kbit.backends import BackendUnavailableError
+from portable_kbit.backends import mps as mps_module
 from portable_kbit.backends.base import MiB
 
 prepare_module = importlib.import_module("portable_kbit.prepare")  # the package's `prepare` is the function

@@ -9,13 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-
-import pytest
-
 from pathlib import Path
 
-from portable_kbit import cli
+import pytest
 from shared_runs import README_COMPARE, run_once
+
+from portable_kbit import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

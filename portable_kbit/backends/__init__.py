@@ -65,7 +65,7 @@ def for_device(device: torch.device) -> Backend:
     raise BackendUnavailableError(f"no usable backend for torch device {device}; usable here: {available_backends()}")
 
 
-def resolve(device: "str | torch.device" = "auto", model_device: Optional[torch.device] = None) -> Target:
+def resolve(device: str | torch.device = "auto", model_device: torch.device | None = None) -> Target:
     """Turn "auto" | "cuda" | "cuda:N" | "rocm" | "mps" | "cpu" (or a torch.device) into a backend and device.
 
     "auto" means the device the model already lives on, else the first available accelerator, else cpu.
@@ -103,6 +103,13 @@ def resolve(device: "str | torch.device" = "auto", model_device: Optional[torch.
 
 
 __all__ = [
-    "AllocatorStats", "Backend", "BackendUnavailableError", "REGISTRY", "Target",
-    "available_backends", "for_device", "get", "resolve",
+    "REGISTRY",
+    "AllocatorStats",
+    "Backend",
+    "BackendUnavailableError",
+    "Target",
+    "available_backends",
+    "for_device",
+    "get",
+    "resolve",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -14,22 +14,22 @@ MiB = 1 << 20
 class AllocatorStats:
     """What a device's allocator can tell; None where it cannot say."""
 
-    allocated: Optional[int] = None
-    reserved: Optional[int] = None
-    peak_allocated: Optional[int] = None
-    peak_reserved: Optional[int] = None
-    device_free: Optional[int] = None
-    device_total: Optional[int] = None
+    allocated: int | None = None
+    reserved: int | None = None
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    device_free: int | None = None
+    device_total: int | None = None
     notes: tuple[str, ...] = ()
 
 
-def accelerator_function(name: str) -> Optional[Callable]:
+def accelerator_function(name: str) -> Callable | None:
     """`torch.accelerator.<name>` where this torch has it (2.6+, memory API 2.9+, get_memory_info 2.10+), else None."""
     accelerator = getattr(torch, "accelerator", None)
     return getattr(accelerator, name, None) if accelerator is not None else None
 
 
-def probe(function: Optional[Callable], *args) -> Optional[int]:
+def probe(function: Callable | None, *args) -> int | None:
     """Call an allocator probe; None where it is missing or the backend refuses (they raise RuntimeError)."""
     if function is None:
         return None
@@ -56,11 +56,11 @@ class Backend:
     def available(self) -> bool:
         return self.why_unavailable() is None
 
-    def why_unavailable(self) -> Optional[str]:
+    def why_unavailable(self) -> str | None:
         """None if usable here, else a sentence saying why not."""
         return None
 
-    def device(self, index: Optional[int] = None) -> torch.device:
+    def device(self, index: int | None = None) -> torch.device:
         if index is None:
             return torch.device(self.device_type)
         return torch.device(self.device_type, index)
@@ -81,7 +81,7 @@ class Backend:
     def release(self, device: torch.device) -> None:
         """Give cached, unused allocator blocks back to the system."""
 
-    def headroom(self, device: torch.device, stats: AllocatorStats, host_available: Optional[int]) -> Optional[int]:
+    def headroom(self, device: torch.device, stats: AllocatorStats, host_available: int | None) -> int | None:
         """Bytes that new tensors on this device can take now; None where nothing can be measured.
 
         The tightest of what the device reports free and, on unified memory, what the host has available; plus
@@ -98,7 +98,7 @@ class Backend:
             cached_unused = max(0, stats.reserved - stats.allocated)
         return min(known) + cached_unused
 
-    def chunk_budget(self, headroom: Optional[int], unified: bool) -> int:
+    def chunk_budget(self, headroom: int | None, unified: bool) -> int:
         """Bytes per cast chunk: the backend's default, shrunk under memory pressure."""
         default = self.unified_chunk_bytes if unified else self.default_chunk_bytes
         if headroom is None:

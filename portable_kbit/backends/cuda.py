@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import psutil
 import torch
 
@@ -16,7 +14,7 @@ class CudaBackend(Backend):
     default_chunk_bytes = 256 * MiB
     unified_chunk_bytes = 64 * MiB
 
-    def why_unavailable(self) -> Optional[str]:
+    def why_unavailable(self) -> str | None:
         if getattr(torch.version, "hip", None):
             return "this torch is a ROCm build; use device='rocm'"
         if not torch.cuda.is_available():
@@ -69,12 +67,12 @@ class CudaBackend(Backend):
             torch.cuda.empty_cache()
 
     @staticmethod
-    def _counter(name: str, index: int) -> Optional[int]:
+    def _counter(name: str, index: int) -> int | None:
         """torch.accelerator.<name> where this torch has it (2.9+), else torch.cuda.<name> (torch 2.5-2.8)."""
         value = probe(accelerator_function(name), index)
         return value if value is not None else probe(getattr(torch.cuda, name), index)
 
-    def _memory_info(self, index: int) -> tuple[Optional[int], Optional[int]]:
+    def _memory_info(self, index: int) -> tuple[int | None, int | None]:
         for get_info in (accelerator_function("get_memory_info"), torch.cuda.mem_get_info):
             if get_info is None:
                 continue

@@ -6,8 +6,6 @@ for torch.mps, not on Apple hardware.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .base import AllocatorStats, Backend, MiB, accelerator_function, probe
@@ -27,7 +25,7 @@ class MpsBackend(Backend):
     default_chunk_bytes = 64 * MiB
     unified_chunk_bytes = 64 * MiB
 
-    def why_unavailable(self) -> Optional[str]:
+    def why_unavailable(self) -> str | None:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_built():
             return "this torch build has no MPS support (not a macOS arm64 build)"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .base import AllocatorStats, MiB
@@ -16,7 +14,7 @@ class RocmBackend(CudaBackend):
     default_chunk_bytes = 256 * MiB
     unified_chunk_bytes = 64 * MiB
 
-    def why_unavailable(self) -> Optional[str]:
+    def why_unavailable(self) -> str | None:
         if not getattr(torch.version, "hip", None):
             return "this torch is not a ROCm build (torch.version.hip is None)"
         if not torch.cuda.is_available():
