@@ -44,13 +44,17 @@ def main() -> None:
     def gap(a: list[float], b: list[float]) -> float:
         return max(abs(x - y) for x, y in zip(a, b))
 
-    print(json.dumps({
-        "device": args.device,
-        "peft_vs_peft_max_gap": max(gap(r, reference) for r in runs["peft"][1:]) if args.repeats > 1 else None,
-        "fp32_vs_peft_max_gap": max(gap(r, reference) for r in runs["fp32"]),
-        "native_vs_peft_max_gap": max(gap(r, reference) for r in runs["native"]),
-        "losses": runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "peft_vs_peft_max_gap": max(gap(r, reference) for r in runs["peft"][1:]) if args.repeats > 1 else None,
+                "fp32_vs_peft_max_gap": max(gap(r, reference) for r in runs["fp32"]),
+                "native_vs_peft_max_gap": max(gap(r, reference) for r in runs["native"]),
+                "losses": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

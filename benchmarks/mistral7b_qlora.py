@@ -50,9 +50,16 @@ def longest_sequence(checkpoint: str, variant: str, device: str, cap_bytes: int,
             out_of_memory_at = seq_len
             break
         fitted = seq_len
-    return {"variant": variant, "phase": "fit", "cap_mib": cap_bytes >> 20, "longest": fitted,
-            "out_of_memory_at": out_of_memory_at, "tried_up_to": stop, "versions": compare.versions(),
-            "device_name": torch.cuda.get_device_name(target.device)}
+    return {
+        "variant": variant,
+        "phase": "fit",
+        "cap_mib": cap_bytes >> 20,
+        "longest": fitted,
+        "out_of_memory_at": out_of_memory_at,
+        "tried_up_to": stop,
+        "versions": compare.versions(),
+        "device_name": torch.cuda.get_device_name(target.device),
+    }
 
 
 def run(args: argparse.Namespace) -> None:
@@ -80,21 +87,42 @@ def run_phases(args: argparse.Namespace, checkpoint: str, out: Path) -> None:
     from portable_kbit import compare
 
     with open(out / "phases.jsonl", "w") as sink:
+
         def emit(record: dict) -> None:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
 
-        compare.compare(checkpoint, device=args.device, variants=args.variants.split(","), emit=emit,
-                        steps=args.steps, seq_len=args.seq_len or compare.PRESETS[args.preset].seq_len)
+        compare.compare(
+            checkpoint,
+            device=args.device,
+            variants=args.variants.split(","),
+            emit=emit,
+            steps=args.steps,
+            seq_len=args.seq_len or compare.PRESETS[args.preset].seq_len,
+        )
 
 
 def run_fits(args: argparse.Namespace, checkpoint: str, out: Path, log) -> None:
     with open(out / "fit.jsonl", "w") as sink:
         for variant in FIT_VARIANTS:
             process = subprocess.run(
-                [sys.executable, __file__, "--fit-one", variant, "--checkpoint", checkpoint, "--device", args.device,
-                 "--fit-start", str(args.fit_start), "--fit-stop", str(args.fit_stop)],
-                capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [
+                    sys.executable,
+                    __file__,
+                    "--fit-one",
+                    variant,
+                    "--checkpoint",
+                    checkpoint,
+                    "--device",
+                    args.device,
+                    "--fit-start",
+                    str(args.fit_start),
+                    "--fit-stop",
+                    str(args.fit_stop),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
             sink.writelines(line + "\n" for line in lines)
@@ -103,7 +131,9 @@ def run_fits(args: argparse.Namespace, checkpoint: str, out: Path, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mistral-7b", help="a portable_kbit.compare preset (mistral-7b, small, tiny)")
+    parser.add_argument(
+        "--preset", default="mistral-7b", help="a portable_kbit.compare preset (mistral-7b, small, tiny)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/results/run")
     parser.add_argument("--variants", default="none,peft-noclear,peft,ours-fp32,ours-native,ours-peft")
@@ -117,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fit_one:
-        record: dict[str, Any] = longest_sequence(args.checkpoint, args.fit_one, args.device, 8 * GiB,
-                                                  args.fit_start, args.fit_stop)
+        record: dict[str, Any] = longest_sequence(
+            args.checkpoint, args.fit_one, args.device, 8 * GiB, args.fit_start, args.fit_stop
+        )
         print(json.dumps(record), flush=True)
     else:
         run(args)

@@ -45,18 +45,29 @@ def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any]) -> dict[str, An
     rows["prepare: host available delta (MiB)"] = _minus(prep.get("host_available"), load.get("host_available"))
     rows["prepare: seconds"] = prep.get("seconds")
     if not rss:
-        rows["training: peak allocated (MiB)"] = None if train.get("peak_allocated") is None else train["peak_allocated"] / MiB
-        rows["training: peak reserved (MiB)"] = None if train.get("peak_reserved") is None else train["peak_reserved"] / MiB
+        rows["training: peak allocated (MiB)"] = (
+            None if train.get("peak_allocated") is None else train["peak_allocated"] / MiB
+        )
+        rows["training: peak reserved (MiB)"] = (
+            None if train.get("peak_reserved") is None else train["peak_reserved"] / MiB
+        )
     else:
-        rows["training: peak process RSS (MiB)"] = None if train.get("peak_process_rss") is None else train["peak_process_rss"] / MiB
+        rows["training: peak process RSS (MiB)"] = (
+            None if train.get("peak_process_rss") is None else train["peak_process_rss"] / MiB
+        )
     rows["frozen parameters in fp32"] = prep.get("fp32_frozen_parameters")
     rows["loss at step 5"] = (train.get("losses") or [None])[-1]
     rows["8 GiB cap: longest sequence"] = fit.get("longest")
     return rows
 
 
-RATIO_ROWS = ("prepare: seconds", "training: peak allocated (MiB)", "training: peak reserved (MiB)",
-              "training: peak process RSS (MiB)", "8 GiB cap: longest sequence")
+RATIO_ROWS = (
+    "prepare: seconds",
+    "training: peak allocated (MiB)",
+    "training: peak reserved (MiB)",
+    "training: peak process RSS (MiB)",
+    "8 GiB cap: longest sequence",
+)
 
 
 def _cell(name: str, value: Any, reference: Any) -> str:

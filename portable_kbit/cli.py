@@ -49,37 +49,65 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="keep the libraries' progress bars and warnings")
         return sub
 
-    env = command("env", "Backends (available or not and why, unified or not), memory now, versions, and which "
-                         "quantizers work here.")
+    env = command(
+        "env",
+        "Backends (available or not and why, unified or not), memory now, versions, and which quantizers work here.",
+    )
     env.add_argument("--no-probe", action="store_true", help="do not try the quantizers (they take a few seconds)")
     env.set_defaults(run=run_env)
 
-    demo = command("demo", "Quantize a built-in tiny Llama (no download), prepare it, attach LoRA, train a few steps; "
-                           "print the PrepReport and the losses.")
+    demo = command(
+        "demo",
+        "Quantize a built-in tiny Llama (no download), prepare it, attach LoRA, train a few steps; "
+        "print the PrepReport and the losses.",
+    )
     demo.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
     demo.add_argument("--steps", type=int, default=5, help="optimizer steps (default 5)")
     demo.add_argument("--quantizer", default=None, help="default: the first that works here (bnb-nf4, quanto-int4)")
     demo.add_argument("--activations", default="fp32", choices=("fp32", "native"), help="prepare(activations=...)")
     demo.set_defaults(run=run_demo)
 
-    comp = command("compare", "The same phases (load, prep, LoRA, train) for peft's prepare_model_for_kbit_training "
-                              "and for portable_kbit.prepare, each variant in a fresh process; JSON lines and a table.")
-    comp.add_argument("path_or_preset", help=f"a local checkpoint folder or a preset: {', '.join(compare.PRESETS)} "
-                                             "(random bf16 weights built locally and cached)")
+    comp = command(
+        "compare",
+        "The same phases (load, prep, LoRA, train) for peft's prepare_model_for_kbit_training "
+        "and for portable_kbit.prepare, each variant in a fresh process; JSON lines and a table.",
+    )
+    comp.add_argument(
+        "path_or_preset",
+        help=f"a local checkpoint folder or a preset: {', '.join(compare.PRESETS)} "
+        "(random bf16 weights built locally and cached)",
+    )
     comp.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
     comp.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's; 5)")
     comp.add_argument("--seq-len", type=int, default=None, help="tokens per step (default: the preset's; 512)")
-    comp.add_argument("--variants", default=",".join(compare.DEFAULT_VARIANTS),
-                      help=f"comma-separated, from: {', '.join(compare.VARIANTS)} (default: all)")
-    comp.add_argument("--quantizer", default=None, help="default: bnb-nf4 where bitsandbytes is installed, "
-                                                        "quanto-int4 on MPS or without it")
-    comp.add_argument("--memory-fraction", type=float, default=None,
-                      help="cap each variant's GPU allocator at this fraction of the device (CUDA/ROCm only)")
+    comp.add_argument(
+        "--variants",
+        default=",".join(compare.DEFAULT_VARIANTS),
+        help=f"comma-separated, from: {', '.join(compare.VARIANTS)} (default: all)",
+    )
+    comp.add_argument(
+        "--quantizer",
+        default=None,
+        help="default: bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it",
+    )
+    comp.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=None,
+        help="cap each variant's GPU allocator at this fraction of the device (CUDA/ROCm only)",
+    )
     comp.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
-    comp.add_argument("--plot", default=None, metavar="FILE.png",
-                      help="draw allocated/reserved per phase for each variant (needs matplotlib)")
-    comp.add_argument("--cache-dir", default=None, help="where presets are saved (default: $PORTABLE_KBIT_CACHE or "
-                                                        "~/.cache/portable_kbit)")
+    comp.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw allocated/reserved per phase for each variant (needs matplotlib)",
+    )
+    comp.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where presets are saved (default: $PORTABLE_KBIT_CACHE or ~/.cache/portable_kbit)",
+    )
     # internal: one variant in this process (what each fresh subprocess runs), or building a preset
     comp.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     comp.add_argument("--targets", default=None, help=argparse.SUPPRESS)
@@ -99,8 +127,14 @@ def environment(probe: bool = True) -> dict[str, Any]:
     for name in backends.REGISTRY:
         backend = backends.get(name)
         reason = backend.why_unavailable()
-        entry: dict[str, Any] = {"name": name, "available": reason is None, "why_unavailable": reason,
-                                 "unified": None, "device": None, "memory": None}
+        entry: dict[str, Any] = {
+            "name": name,
+            "available": reason is None,
+            "why_unavailable": reason,
+            "unified": None,
+            "device": None,
+            "memory": None,
+        }
         if reason is None:
             target = backends.resolve(name)
             entry["device"] = str(target.device)
@@ -112,14 +146,26 @@ def environment(probe: bool = True) -> dict[str, Any]:
     for entry in available if probe else []:
         for quantizer in quantizers.PROBED:
             reason = quantizers.probe(quantizer, entry["device"])
-            probes.append({"quantizer": quantizer, "backend": entry["name"], "device": entry["device"],
-                           "works": reason is None, "why_not": reason})
+            probes.append(
+                {
+                    "quantizer": quantizer,
+                    "backend": entry["name"],
+                    "device": entry["device"],
+                    "works": reason is None,
+                    "why_not": reason,
+                }
+            )
     default_backend = available[0]["name"]
     try:
-        default_quantizer: str | None = next(
-            q for q in quantizers.preference(default_backend)
-            if any(p["quantizer"] == q and p["backend"] == default_backend and p["works"] for p in probes)
-        ) if probe else quantizers.choose(default_backend)
+        default_quantizer: str | None = (
+            next(
+                q
+                for q in quantizers.preference(default_backend)
+                if any(p["quantizer"] == q and p["backend"] == default_backend and p["works"] for p in probes)
+            )
+            if probe
+            else quantizers.choose(default_backend)
+        )
     except (StopIteration, RuntimeError):
         default_quantizer = None
     return {
@@ -144,8 +190,10 @@ def run_env(args: argparse.Namespace) -> int:
         if not entry["available"]:
             print(f"  {entry['name']:<5} unavailable: {entry['why_unavailable']}")
             continue
-        print(f"  {entry['name']:<5} available on {entry['device']}, "
-              f"{'unified memory' if entry['unified'] else 'discrete memory'}; {_memory_line(entry['memory'])}")
+        print(
+            f"  {entry['name']:<5} available on {entry['device']}, "
+            f"{'unified memory' if entry['unified'] else 'discrete memory'}; {_memory_line(entry['memory'])}"
+        )
     if info["quantizers"]:
         print("quantizers (a 64x64 layer quantized, forward and backward):")
         for result in info["quantizers"]:
@@ -161,9 +209,11 @@ def _memory_line(snap: dict[str, Any]) -> str:
         value = snap.get(field)
         return "n/a" if value is None else f"{value / (1 << 20):,.0f} MiB"
 
-    return (f"allocated {mib('allocated')}, reserved {mib('reserved')}, device free {mib('device_free')} of "
-            f"{mib('device_total')}, host available {mib('host_available')} of {mib('host_total')}, "
-            f"process RSS {mib('process_rss')}")
+    return (
+        f"allocated {mib('allocated')}, reserved {mib('reserved')}, device free {mib('device_free')} of "
+        f"{mib('device_total')}, host available {mib('host_available')} of {mib('host_total')}, "
+        f"process RSS {mib('process_rss')}"
+    )
 
 
 # ---- demo ------------------------------------------------------------------------------------------------------------
@@ -177,10 +227,19 @@ def run_demo(args: argparse.Namespace) -> int:
     result = demo.run(args.device, steps=args.steps, quantizer=args.quantizer, activations=args.activations)
     prep_report = result["report"]
     if args.json:
-        print(json.dumps({
-            "device": result["device"], "backend": result["backend"], "quantizer": result["quantizer"],
-            "losses": result["losses"], "seconds": round(result["seconds"], 3), "report": prep_report.to_dict(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "device": result["device"],
+                    "backend": result["backend"],
+                    "quantizer": result["quantizer"],
+                    "losses": result["losses"],
+                    "seconds": round(result["seconds"], 3),
+                    "report": prep_report.to_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"demo: tiny Llama quantized with {result['quantizer']} on {result['device']}")
         print(prep_report.summary())
@@ -202,13 +261,21 @@ def run_compare(args: argparse.Namespace) -> int:
         print(compare.build_preset(args.path_or_preset, args.cache_dir, device=args.device))
         return 0
     if args.variant is not None:  # one variant in this (fresh) process: JSON lines on stdout
+
         def emit_line(record: dict) -> None:
             print(json.dumps(record), flush=True)
 
         targets = args.targets.split(",") if args.targets else None
         records = compare.run_variant(
-            args.path_or_preset, args.variant, args.device, args.steps or 5, args.seq_len or 512, args.quantizer,
-            targets=targets, memory_fraction=args.memory_fraction, emit=emit_line,
+            args.path_or_preset,
+            args.variant,
+            args.device,
+            args.steps or 5,
+            args.seq_len or 512,
+            args.quantizer,
+            targets=targets,
+            memory_fraction=args.memory_fraction,
+            emit=emit_line,
         )
         return 1 if any("error" in r for r in records) else 0
 
@@ -226,8 +293,15 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         records = compare.compare(
-            args.path_or_preset, args.device, args.steps, args.seq_len, variants, args.quantizer,
-            args.memory_fraction, args.cache_dir, emit,
+            args.path_or_preset,
+            args.device,
+            args.steps,
+            args.seq_len,
+            variants,
+            args.quantizer,
+            args.memory_fraction,
+            args.cache_dir,
+            emit,
         )
     finally:
         if out is not None:

@@ -72,8 +72,14 @@ def _small_config() -> Any:
     import transformers
 
     return transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     )
 
 
@@ -81,20 +87,45 @@ def _mistral_7b_config() -> Any:
     import transformers
 
     return transformers.MistralConfig(
-        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None,
+        vocab_size=32768,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        sliding_window=None,
         tie_word_embeddings=False,
     )
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", "the tiny Llama of portable_kbit.tiny (hidden 128, 2 layers, vocab 256): seconds on a CPU",
-                   _tiny_config, seq_len=32, steps=3, approx_bytes=2 * MiB),
-    "small": Preset("small", "a Llama shape of about 155M parameters (hidden 1024, 8 layers, vocab 32000), ~310 MB",
-                    _small_config, seq_len=256, steps=5, approx_bytes=310 * MiB),
-    "mistral-7b": Preset("mistral-7b", "the Mistral-7B-v0.3 shape (vocab 32768, hidden 4096, MLP 14336, 32 layers, "
-                         "32 heads, 8 KV heads, untied head), ~14.5 GB", _mistral_7b_config,
-                         seq_len=512, steps=5, approx_bytes=14_500 * MiB),
+    "tiny": Preset(
+        "tiny",
+        "the tiny Llama of portable_kbit.tiny (hidden 128, 2 layers, vocab 256): seconds on a CPU",
+        _tiny_config,
+        seq_len=32,
+        steps=3,
+        approx_bytes=2 * MiB,
+    ),
+    "small": Preset(
+        "small",
+        "a Llama shape of about 155M parameters (hidden 1024, 8 layers, vocab 32000), ~310 MB",
+        _small_config,
+        seq_len=256,
+        steps=5,
+        approx_bytes=310 * MiB,
+    ),
+    "mistral-7b": Preset(
+        "mistral-7b",
+        "the Mistral-7B-v0.3 shape (vocab 32768, hidden 4096, MLP 14336, 32 layers, "
+        "32 heads, 8 KV heads, untied head), ~14.5 GB",
+        _mistral_7b_config,
+        seq_len=512,
+        steps=5,
+        approx_bytes=14_500 * MiB,
+    ),
 }
 
 
@@ -208,12 +239,20 @@ class _Phases:
         after = memory.take(self.target)
         peak = memory.peak_of(before, samples + [after])
         record = {
-            **self.base, "phase": name, "seconds": round(seconds, 4),
-            "allocated": after.allocated, "reserved": after.reserved,
-            "peak_allocated": peak.allocated, "peak_reserved": peak.reserved,
-            "device_free": after.device_free, "device_total": after.device_total,
-            "host_available": after.host_available, "host_total": after.host_total,
-            "process_rss": after.process_rss, "peak_process_rss": peak.process_rss, "unified": after.unified,
+            **self.base,
+            "phase": name,
+            "seconds": round(seconds, 4),
+            "allocated": after.allocated,
+            "reserved": after.reserved,
+            "peak_allocated": peak.allocated,
+            "peak_reserved": peak.reserved,
+            "device_free": after.device_free,
+            "device_total": after.device_total,
+            "host_available": after.host_available,
+            "host_total": after.host_total,
+            "process_rss": after.process_rss,
+            "peak_process_rss": peak.process_rss,
+            "unified": after.unified,
             **extra,
         }
         if error is not None:
@@ -260,8 +299,13 @@ def run_variant(
     quantizer = quantizer or quantizers.choose(target.backend.name)
     targets = list(targets) if targets else lora_targets(checkpoint_path)
     base = {
-        "variant": variant, "checkpoint": checkpoint_path, "device": str(target.device),
-        "backend": target.backend.name, "quantizer": quantizer, "steps": steps, "seq_len": seq_len,
+        "variant": variant,
+        "checkpoint": checkpoint_path,
+        "device": str(target.device),
+        "backend": target.backend.name,
+        "quantizer": quantizer,
+        "steps": steps,
+        "seq_len": seq_len,
     }
     phases = _Phases(target, base, emit)
     try:
@@ -310,13 +354,19 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
     from .prepare import prepare, report
 
     options = {"ours-fp32": {}, "ours-native": {"activations": "native"}, "ours-peft": {"upcast": "peft"}}[variant]
-    model = prepare(model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING,
-                    **options)
+    model = prepare(
+        model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
+    )
     done = report(model)
     extra["prep_report"] = {
-        "policy": done.policy, "activations": done.activations, "upcast": len(done.upcast),
-        "upcast_norms": len(done.upcast_norms), "input_guards": done.input_guards,
-        "skipped_quantized": done.skipped_quantized, "chunks": done.chunks, "chunk_bytes": done.chunk_bytes,
+        "policy": done.policy,
+        "activations": done.activations,
+        "upcast": len(done.upcast),
+        "upcast_norms": len(done.upcast_norms),
+        "input_guards": done.input_guards,
+        "skipped_quantized": done.skipped_quantized,
+        "chunks": done.chunks,
+        "chunk_bytes": done.chunk_bytes,
         "seconds": round(done.seconds, 4),
     }
     return model
@@ -331,7 +381,9 @@ def enable_checkpointing(model: Any, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
 
 
-def train_steps(model: Any, target: backends.Target, steps: int, seq_len: int, lr: float, samples: list) -> list[float]:
+def train_steps(
+    model: Any, target: backends.Target, steps: int, seq_len: int, lr: float, samples: list
+) -> list[float]:
     """`steps` AdamW steps on one random sequence in training mode; the losses."""
     model.train()  # transformers checkpoints only in training mode
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -367,8 +419,16 @@ def cap_memory(target: backends.Target, fraction: float) -> None:
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages that decide the numbers (None: not installed)."""
     out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("portable-kbit", "torch", "transformers", "peft", "bitsandbytes", "optimum-quanto", "accelerate",
-                 "psutil"):
+    for name in (
+        "portable-kbit",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "optimum-quanto",
+        "accelerate",
+        "psutil",
+    ):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -389,13 +449,33 @@ def _child_env() -> dict[str, str]:
 
 
 def run_in_subprocess(
-    checkpoint_path: str, variant: str, device: str, steps: int, seq_len: int, quantizer: str | None,
-    targets: Sequence[str] | None = None, memory_fraction: float | None = None,
-    emit: Callable[[dict], None] | None = None, timeout: float | None = None,
+    checkpoint_path: str,
+    variant: str,
+    device: str,
+    steps: int,
+    seq_len: int,
+    quantizer: str | None,
+    targets: Sequence[str] | None = None,
+    memory_fraction: float | None = None,
+    emit: Callable[[dict], None] | None = None,
+    timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one)."""
-    command = [sys.executable, "-m", "portable_kbit", "compare", checkpoint_path, "--variant", variant,
-               "--device", device, "--steps", str(steps), "--seq-len", str(seq_len)]
+    command = [
+        sys.executable,
+        "-m",
+        "portable_kbit",
+        "compare",
+        checkpoint_path,
+        "--variant",
+        variant,
+        "--device",
+        device,
+        "--steps",
+        str(steps),
+        "--seq-len",
+        str(seq_len),
+    ]
     if quantizer:
         command += ["--quantizer", quantizer]
     if targets:
@@ -422,8 +502,13 @@ def run_in_subprocess(
         if code != 0 and not any("error" in r for r in records):
             errors.seek(0)
             tail = errors.read()[-2000:].strip().splitlines()
-            record = {"variant": variant, "checkpoint": checkpoint_path, "device": device, "phase": "process",
-                      "error": f"exit status {code}: {tail[-1] if tail else 'no output'}"}
+            record = {
+                "variant": variant,
+                "checkpoint": checkpoint_path,
+                "device": device,
+                "phase": "process",
+                "error": f"exit status {code}: {tail[-1] if tail else 'no output'}",
+            }
             records.append(record)
             if emit is not None:
                 emit(record)
@@ -545,8 +630,15 @@ def plot(records: Sequence[dict], path: str, title: str | None = None) -> str:
             failed = next((r for r in recorded.values() if "error" in r), None)
             name = variant if failed is None else f"{variant} (failed in {failed['phase']})"
             bars = axis.bar(xs, values, width=width * 0.92, label=name)
-            axis.scatter(xs, peaks, marker="_", s=220, color=bars.patches[0].get_facecolor() if bars.patches else None,
-                         linewidths=2, zorder=3)
+            axis.scatter(
+                xs,
+                peaks,
+                marker="_",
+                s=220,
+                color=bars.patches[0].get_facecolor() if bars.patches else None,
+                linewidths=2,
+                zorder=3,
+            )
         axis.set_xticks(range(len(phases)), phases)
         axis.set_ylabel(f"{label} (MiB)")
         axis.set_title(f"{label} at the end of each phase (tick: the phase's peak)", fontsize=10)
@@ -554,8 +646,10 @@ def plot(records: Sequence[dict], path: str, title: str | None = None) -> str:
     axes[0].legend(fontsize=8)
     if title is None and records:
         first = records[0]
-        title = (f"{os.path.basename(str(first.get('checkpoint', '')).rstrip(os.sep))} on {first.get('device')} "
-                 f"({first.get('quantizer')}), {first.get('steps')} steps x {first.get('seq_len')} tokens")
+        title = (
+            f"{os.path.basename(str(first.get('checkpoint', '')).rstrip(os.sep))} on {first.get('device')} "
+            f"({first.get('quantizer')}), {first.get('steps')} steps x {first.get('seq_len')} tokens"
+        )
     if title:
         figure.suptitle(title, fontsize=11)
     figure.savefig(path, dpi=110)

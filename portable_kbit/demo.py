@@ -49,7 +49,10 @@ def run(
     model = tiny.load(path, quantizer, torch_device)
     targets = tiny.LORA_TARGETS[ARCH]
     model = prepare(
-        model, torch_device, target_modules=targets, activations=activations,
+        model,
+        torch_device,
+        target_modules=targets,
+        activations=activations,
         gradient_checkpointing_kwargs=CHECKPOINTING,
     )
     prep_report = report(model)

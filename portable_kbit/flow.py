@@ -103,7 +103,9 @@ def is_strict_consumer(module: nn.Module) -> bool:
     """A layer whose kernel fails (or silently misbehaves) on an input dtype other than its weight's."""
     if handles_its_own_input_dtype(module):
         return False
-    return (isinstance(module, STRICT_TYPES) and _weight_dtype(module) is not None) or _compute_dtype(module) is not None
+    return (isinstance(module, STRICT_TYPES) and _weight_dtype(module) is not None) or _compute_dtype(
+        module
+    ) is not None
 
 
 class FrozenLinearInFp32(torch.autograd.Function):
@@ -116,7 +118,7 @@ class FrozenLinearInFp32(torch.autograd.Function):
         ctx.rows = rows
         out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
         for start in range(0, weight.shape[0], rows):
-            out[..., start:start + rows] = torch.nn.functional.linear(x, weight[start:start + rows].float())
+            out[..., start : start + rows] = torch.nn.functional.linear(x, weight[start : start + rows].float())
         if bias is not None:
             out += bias.float()
         return out
@@ -128,7 +130,7 @@ class FrozenLinearInFp32(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.zeros(*grad_out.shape[:-1], weight.shape[1], dtype=torch.float32, device=grad_out.device)
             for start in range(0, weight.shape[0], ctx.rows):
-                grad_x += grad_out[..., start:start + ctx.rows] @ weight[start:start + ctx.rows].float()
+                grad_x += grad_out[..., start : start + ctx.rows] @ weight[start : start + ctx.rows].float()
         return grad_x, None, None, None
 
 
@@ -180,7 +182,11 @@ def _fp32_linear_forward(module: nn.Module, chunk_bytes: int):
 
 
 def _embedding_output_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
-    return output.float() if isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16) else None
+    return (
+        output.float()
+        if isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
+        else None
+    )
 
 
 def install(

@@ -134,7 +134,8 @@ def _lora_config(target_modules: Any, model: nn.Module):
             )
     else:
         names_ok = isinstance(target_modules, str) or (
-            isinstance(target_modules, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in target_modules)
+            isinstance(target_modules, (list, tuple, set, frozenset))
+            and all(isinstance(n, str) for n in target_modules)
         )
         if target_modules is not None and not names_ok:
             raise TypeError(
@@ -201,7 +202,9 @@ def _check_consistent(model: nn.Module, adapted: list[str], target_modules: Any)
 
     config = _lora_config(target_modules, model.get_base_model())
     prefix = "base_model.model."
-    wanted = {prefix + n for n, m in model.get_base_model().named_modules() if n and check_target_module_exists(config, n)}
+    wanted = {
+        prefix + n for n, m in model.get_base_model().named_modules() if n and check_target_module_exists(config, n)
+    }
     wanted = {n for n in wanted if n in set(adapted) or not any(True for _ in model.get_submodule(n).children())}
     if wanted != set(adapted):
         extra = sorted(wanted - set(adapted))[:5]
@@ -287,7 +290,15 @@ def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) 
     for inputs in ("meta with a 4-D mask", "meta"):
         try:
             return _trace(model, adapted, norms, inputs)
-        except (_CannotTraceOnMeta, RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+        except (
+            _CannotTraceOnMeta,
+            RuntimeError,
+            NotImplementedError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+        ):
             continue
     return _trace(model, adapted, norms, "real")
 

@@ -109,8 +109,20 @@ def prepare(
         finish_on_device(target)
         after = memory.take(target)
         report = build_report(
-            target, changes, activations, budget, budget_source, chunks, required, before, after, samples,
-            time.perf_counter() - started, checkpointing, move_to, guarded,
+            target,
+            changes,
+            activations,
+            budget,
+            budget_source,
+            chunks,
+            required,
+            before,
+            after,
+            samples,
+            time.perf_counter() - started,
+            checkpointing,
+            move_to,
+            guarded,
         )
     retire_previous_hooks(previous)
     remember(model, PrepState(report, handles, checkpointing))
@@ -138,10 +150,16 @@ def check_options(upcast: str, activations: str, chunk_bytes: int | None, checkp
         raise ValueError(f"upcast={upcast!r} is not a policy; use one of {', '.join(map(repr, plan.POLICIES))}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations={activations!r} is not known; use 'fp32' (peft's numerics) or 'native'")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
-        raise ValueError(f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes), or None for the backend's default")
+    if chunk_bytes is not None and (
+        isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+    ):
+        raise ValueError(
+            f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes), or None for the backend's default"
+        )
     if checkpointing_kwargs is not None and not isinstance(checkpointing_kwargs, dict):
-        raise TypeError(f"gradient_checkpointing_kwargs must be a dict or None, not {type(checkpointing_kwargs).__name__}")
+        raise TypeError(
+            f"gradient_checkpointing_kwargs must be a dict or None, not {type(checkpointing_kwargs).__name__}"
+        )
 
 
 def check_model(model: Any) -> None:
@@ -154,7 +172,9 @@ def check_model(model: Any) -> None:
     with torch._C.DisableTorchFunctionSubclass():  # quantized subclasses dispatch every attribute read otherwise
         meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     device_map = getattr(model, "hf_device_map", None) or {}
-    offloaded = sorted({str(d) for d in device_map.values()} & {"disk", "meta"}) if isinstance(device_map, dict) else []
+    offloaded = (
+        sorted({str(d) for d in device_map.values()} & {"disk", "meta"}) if isinstance(device_map, dict) else []
+    )
     if meta and offloaded:  # accelerate keeps offloaded weights on the meta device and loads them per forward
         raise ValueError(
             f"{len(meta)} parameters are offloaded by the device_map (to {', '.join(offloaded)}; e.g. {meta[0]}): "
@@ -333,8 +353,20 @@ def finish_on_device(target: Target) -> None:
 
 
 def build_report(
-    target, changes, activations, budget, budget_source, chunks, required, before, after, samples, seconds,
-    checkpointing, move_to, guarded,
+    target,
+    changes,
+    activations,
+    budget,
+    budget_source,
+    chunks,
+    required,
+    before,
+    after,
+    samples,
+    seconds,
+    checkpointing,
+    move_to,
+    guarded,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:

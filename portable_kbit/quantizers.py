@@ -71,14 +71,17 @@ def choose(backend_name: str, device: str | torch.device | None = None) -> str:
     else only checked for being installed). Raises RuntimeError when none does."""
     reasons = []
     for quantizer in preference(backend_name):
-        reason = probe(quantizer, device) if device is not None else (
-            None if installed(quantizer) else f"{package_of(quantizer)} is not installed"
+        reason = (
+            probe(quantizer, device)
+            if device is not None
+            else (None if installed(quantizer) else f"{package_of(quantizer)} is not installed")
         )
         if reason is None:
             return quantizer
         reasons.append(f"{quantizer}: {reason}")
     raise RuntimeError(
-        f"no quantizer works on {backend_name}: " + "; ".join(reasons)
+        f"no quantizer works on {backend_name}: "
+        + "; ".join(reasons)
         + ". Install bitsandbytes (>= 0.50 on a Mac, built on the device on Jetson) or optimum-quanto."
     )
 

@@ -37,8 +37,13 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
 
     heads = max(2, hidden // 32)
     common_decoder = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     if arch == "llama":
         return tf.LlamaConfig(num_key_value_heads=heads // 2, **common_decoder)
@@ -53,18 +58,42 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
     if arch == "gemma2":
         return tf.Gemma2Config(num_key_value_heads=heads // 2, head_dim=hidden // heads, **common_decoder)
     if arch == "phi3":
-        return tf.Phi3Config(num_key_value_heads=heads, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common_decoder)
+        return tf.Phi3Config(
+            num_key_value_heads=heads, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common_decoder
+        )
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
-                             bos_token_id=vocab - 1, eos_token_id=vocab - 1, tie_word_embeddings=False)
+        return tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=256,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+            tie_word_embeddings=False,
+        )
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=256,
-                                use_parallel_residual=True, tie_word_embeddings=False)
+        return tf.GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
     if arch == "opt":
-        return tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=heads, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                            tie_word_embeddings=False)
+        return tf.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
@@ -85,7 +114,9 @@ def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloa
 
     if quantizer in ("bnb-nf4", "bnb-fp4"):
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantizer.split("-")[1], bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantizer.split("-")[1],
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
     if quantizer == "bnb-8bit":
@@ -115,8 +146,9 @@ def batch(vocab: int = 256, length: int = 32, seed: int = 1, device: str = "cpu"
     return torch.randint(0, vocab, (1, length), generator=generator).to(device)
 
 
-def train_lora(model: Any, targets: list[str], steps: int = 5, lr: float = 1e-2, length: int = 32,
-               r: int = 8, seed: int = 1) -> tuple[Any, list[float]]:
+def train_lora(
+    model: Any, targets: list[str], steps: int = 5, lr: float = 1e-2, length: int = 32, r: int = 8, seed: int = 1
+) -> tuple[Any, list[float]]:
     """Attach LoRA (unless `model` already is a PeftModel), train `steps` AdamW steps; returns (model, losses)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -7,8 +7,13 @@ from collections.abc import Callable
 from torch import nn
 
 HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
 )
 # instance attributes prepare() may set: transformers' input-gradient hooks, our fp32 forward for lm_head
 RESTORED_ATTRIBUTES = ("_require_grads_hook", "_require_grads_hooks", "forward")

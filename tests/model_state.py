@@ -32,8 +32,11 @@ def raw_bytes(tensor: torch.Tensor) -> Any:
 
 def same_bytes(a: Any, b: Any) -> bool:
     if isinstance(a, dict) or isinstance(b, dict):
-        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
-            same_bytes(a[k], b[k]) for k in a
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_bytes(a[k], b[k]) for k in a)
         )
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
@@ -118,9 +121,13 @@ class ModelState:
             a, b = self.modules[name], other.modules[name]
             for attr in sorted(a.keys() | b.keys()):
                 if a.get(attr, "<missing>") != b.get(attr, "<missing>"):
-                    out.append(f"module {name or '<root>'}: {attr} {a.get(attr, '<missing>')} -> {b.get(attr, '<missing>')}")
+                    out.append(
+                        f"module {name or '<root>'}: {attr} {a.get(attr, '<missing>')} -> {b.get(attr, '<missing>')}"
+                    )
         if self.config != other.config:
-            changed = {k for k in self.config.keys() | other.config.keys() if self.config.get(k) != other.config.get(k)}
+            changed = {
+                k for k in self.config.keys() | other.config.keys() if self.config.get(k) != other.config.get(k)
+            }
             out.append(f"config changed: {sorted(changed)}")
         if self.attributes != other.attributes:
             out.append(f"model attributes changed: {self.attributes} -> {other.attributes}")
@@ -143,7 +150,10 @@ def take(model: nn.Module) -> ModelState:
 def hook_count(model: nn.Module) -> int:
     """Every forward/backward hook on every module (duplicates would show here)."""
     names = (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
     )
     return sum(len(getattr(m, n, {})) for m in model.modules() for n in names)
 

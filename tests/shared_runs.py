@@ -15,8 +15,16 @@ from portable_kbit import cli
 
 #: in README.md's "Command line" block and checked by tests/test_cli.py: one run serves both
 README_COMPARE = (
-    "compare", "tiny", "--variants", "none,peft,ours-fp32", "--steps", "2", "--plot", "compare.png",
-    "--json-out", "compare.jsonl",
+    "compare",
+    "tiny",
+    "--variants",
+    "none,peft,ours-fp32",
+    "--steps",
+    "2",
+    "--plot",
+    "compare.png",
+    "--json-out",
+    "compare.jsonl",
 )
 
 

@@ -56,8 +56,15 @@ def host(monkeypatch):
 
 
 ACCELERATOR_MEMORY = (
-    "memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats",
-    "get_memory_info", "empty_cache", "empty_host_cache", "memory_stats",
+    "memory_allocated",
+    "memory_reserved",
+    "max_memory_allocated",
+    "max_memory_reserved",
+    "reset_peak_memory_stats",
+    "get_memory_info",
+    "empty_cache",
+    "empty_host_cache",
+    "memory_stats",
 )
 
 
@@ -102,9 +109,13 @@ def fake_mps(monkeypatch, host):
         monkeypatch.setattr(mps_module, "torch_version", lambda: version)
         if version >= (2, 13):
             results = {
-                "memory_allocated": MPS_ACCELERATOR_ALLOCATED, "max_memory_allocated": MPS_ACCELERATOR_PEAK,
-                "memory_reserved": MPS_DRIVER, "max_memory_reserved": MPS_DRIVER, "reset_peak_memory_stats": None,
-                "get_memory_info": (MPS_RECOMMENDED - MPS_DRIVER, MPS_RECOMMENDED), "empty_cache": None,
+                "memory_allocated": MPS_ACCELERATOR_ALLOCATED,
+                "max_memory_allocated": MPS_ACCELERATOR_PEAK,
+                "memory_reserved": MPS_DRIVER,
+                "max_memory_reserved": MPS_DRIVER,
+                "reset_peak_memory_stats": None,
+                "get_memory_info": (MPS_RECOMMENDED - MPS_DRIVER, MPS_RECOMMENDED),
+                "empty_cache": None,
                 # empty_host_cache segfaults on MPS 2.13 when nothing was allocated yet: left raising on purpose
             }
         elif version >= (2, 9):
@@ -234,9 +245,13 @@ def fake_cuda(monkeypatch, *, hip=None, integrated=False, accelerator="present")
     properties = types.SimpleNamespace(name="stand-in GPU", total_memory=CUDA_TOTAL, is_integrated=integrated)
     monkeypatch.setattr(torch.cuda, "get_device_properties", calls.wrap("cuda.get_device_properties", properties))
     values = {
-        "memory_allocated": CUDA_ALLOCATED, "memory_reserved": CUDA_RESERVED,
-        "max_memory_allocated": CUDA_PEAK_ALLOCATED, "max_memory_reserved": CUDA_PEAK_RESERVED,
-        "mem_get_info": (CUDA_FREE, CUDA_TOTAL), "reset_peak_memory_stats": None, "empty_cache": None,
+        "memory_allocated": CUDA_ALLOCATED,
+        "memory_reserved": CUDA_RESERVED,
+        "max_memory_allocated": CUDA_PEAK_ALLOCATED,
+        "max_memory_reserved": CUDA_PEAK_RESERVED,
+        "mem_get_info": (CUDA_FREE, CUDA_TOTAL),
+        "reset_peak_memory_stats": None,
+        "empty_cache": None,
         "synchronize": None,
     }
     for name, value in values.items():
@@ -344,7 +359,10 @@ def test_discrete_cuda_prefers_torch_accelerator(monkeypatch, host):
     calls = fake_cuda(monkeypatch, hip=None, integrated=False, accelerator="present")
     stats = backends.get("cuda").allocator_stats(torch.device("cuda", 0))
     assert (stats.allocated, stats.reserved, stats.device_free, stats.device_total) == (
-        CUDA_ALLOCATED, CUDA_RESERVED, CUDA_FREE, CUDA_TOTAL,
+        CUDA_ALLOCATED,
+        CUDA_RESERVED,
+        CUDA_FREE,
+        CUDA_TOTAL,
     )
     assert calls["accelerator.memory_allocated"] >= 1 and calls["accelerator.get_memory_info"] >= 1
     assert calls["cuda.memory_allocated"] == 0 and calls["cuda.mem_get_info"] == 0
@@ -449,8 +467,13 @@ def model_state(model) -> dict:
     training = {name: m.training for name, m in model.named_modules()}
     checkpointing = getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing)
     input_hook = bool(model.__dict__.get("_require_grads_hooks")) or model.__dict__.get("_require_grads_hook")
-    return {"params": state, "hooks": hooks, "training": training, "checkpointing": checkpointing,
-            "input_hook": bool(input_hook)}
+    return {
+        "params": state,
+        "hooks": hooks,
+        "training": training,
+        "checkpointing": checkpointing,
+        "input_hook": bool(input_hook),
+    }
 
 
 def assert_same_state(before: dict, after: dict):

@@ -45,7 +45,9 @@ def refused(model, error_type, pattern, *args, **kwargs):
 
 @pytest.mark.parametrize("value", ["all", "fp32", "", None, "ADJACENT"])
 def test_unknown_upcast(model, value):
-    refused(model, ValueError, r"upcast=.* is not a policy; use one of 'adjacent', 'norms', 'none', 'peft'", upcast=value)
+    refused(
+        model, ValueError, r"upcast=.* is not a policy; use one of 'adjacent', 'norms', 'none', 'peft'", upcast=value
+    )
 
 
 @pytest.mark.parametrize("value", ["fp16", "bf16", None, "FP32"])
@@ -59,8 +61,12 @@ def test_chunk_bytes_not_positive_int(model, value):
 
 
 def test_gradient_checkpointing_kwargs_not_a_dict(model):
-    refused(model, TypeError, "gradient_checkpointing_kwargs must be a dict or None, not list",
-            gradient_checkpointing_kwargs=["use_reentrant"])
+    refused(
+        model,
+        TypeError,
+        "gradient_checkpointing_kwargs must be a dict or None, not list",
+        gradient_checkpointing_kwargs=["use_reentrant"],
+    )
 
 
 # ---- devices ---------------------------------------------------------------------------------------------------------
@@ -85,7 +91,12 @@ def test_unavailable_backend(model):
     assert unavailable, "every backend is available here?"
     for name in unavailable:
         reason = backends.get(name).why_unavailable()
-        error = refused(model, portable_kbit.BackendUnavailableError, re.escape(f"device {name!r} is not available: {reason}"), name)
+        error = refused(
+            model,
+            portable_kbit.BackendUnavailableError,
+            re.escape(f"device {name!r} is not available: {reason}"),
+            name,
+        )
         assert "Available here: " in str(error) and isinstance(error, ValueError)
 
 
@@ -94,8 +105,12 @@ def test_device_index_that_does_not_exist(model):
     if not accelerators:
         pytest.skip("needs a CUDA/ROCm backend here (on this machine cuda:N is refused as unavailable, tested above)")
     count = torch.cuda.device_count()
-    refused(model, portable_kbit.BackendUnavailableError, f"does not exist: this machine has {count}",
-            f"{accelerators[0]}:{count}")
+    refused(
+        model,
+        portable_kbit.BackendUnavailableError,
+        f"does not exist: this machine has {count}",
+        f"{accelerators[0]}:{count}",
+    )
 
 
 @pytest.fixture
@@ -107,8 +122,12 @@ def standin_cuda(monkeypatch):
 def test_bitsandbytes_model_on_cpu_asked_for_an_accelerator(standin_cuda):
     # bitsandbytes quantizes while loading: a CPU-loaded model cannot be moved to the GPU afterwards
     model = tiny.load(tiny.checkpoint("llama"), "bnb-nf4", "cpu")
-    refused(model, ValueError, r"this bitsandbytes model is on the CPU but device='cuda'.*device_map=\{'': 'cuda'\}",
-            "cuda")
+    refused(
+        model,
+        ValueError,
+        r"this bitsandbytes model is on the CPU but device='cuda'.*device_map=\{'': 'cuda'\}",
+        "cuda",
+    )
 
 
 def test_model_on_an_accelerator_asked_for_the_cpu(backend, device):
@@ -152,10 +171,18 @@ def test_model_split_over_two_gpus_by_device_map():
         pytest.skip("needs two CUDA/ROCm GPUs for a real device_map split")
     from transformers import AutoModelForCausalLM
 
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
-                  "model.rotary_emb": 1, "lm_head": 1}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.norm": 1,
+        "model.rotary_emb": 1,
+        "lm_head": 1,
+    }
     model = AutoModelForCausalLM.from_pretrained(
-        tiny.checkpoint("llama"), dtype=torch.bfloat16, device_map=device_map,
+        tiny.checkpoint("llama"),
+        dtype=torch.bfloat16,
+        device_map=device_map,
         quantization_config=tiny.quantization_config("bnb-nf4"),
     )
     refused(model, ValueError, r"but device='cuda:0'", "cuda:0")
@@ -168,19 +195,32 @@ def test_model_split_over_two_gpus_by_device_map():
 def test_model_split_by_device_map_with_disk_offload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     model = AutoModelForCausalLM.from_pretrained(
         tiny.checkpoint("llama"), dtype=torch.bfloat16, device_map=device_map, offload_folder=str(tmp_path)
     )
-    refused(model, ValueError, r"parameters are offloaded by the device_map \(to disk; e\.g\. model\.layers\.1\..*"
-                               r"prepare\(\) needs every weight loaded on one device", target_modules=TARGETS)
+    refused(
+        model,
+        ValueError,
+        r"parameters are offloaded by the device_map \(to disk; e\.g\. model\.layers\.1\..*"
+        r"prepare\(\) needs every weight loaded on one device",
+        target_modules=TARGETS,
+    )
 
 
 def test_model_loaded_with_a_device_map_on_one_device_is_fine(device):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny.checkpoint("llama"), dtype=torch.bfloat16, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny.checkpoint("llama"), dtype=torch.bfloat16, device_map={"": device}
+    )
     portable_kbit.prepare(model, target_modules=TARGETS)
     assert portable_kbit.report(model).upcast
 
@@ -191,8 +231,13 @@ def test_model_on_the_meta_device():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny.config_for("llama"), dtype=torch.bfloat16)
     for device in ("auto", "cpu"):
-        refused(model, ValueError, r"21 parameters are on the meta device \(e\.g\. model\.embed_tokens\.weight\): the "
-                                   r"weights were never loaded", device)
+        refused(
+            model,
+            ValueError,
+            r"21 parameters are on the meta device \(e\.g\. model\.embed_tokens\.weight\): the "
+            r"weights were never loaded",
+            device,
+        )
 
 
 # ---- the model argument ------------------------------------------------------------------------------------------------
@@ -214,12 +259,15 @@ def test_module_without_parameters():
 # ---- target_modules and LoraConfig -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("targets,closest", [
-    (["q_prj", "vproj"], "closest module names: o_proj, q_proj, v_proj"),
-    (r".*\.qq_proj", "closest module names: o_proj, q_proj, v_proj"),
-    (["attention.query"], "module names here: act_fn, down_proj, embed_tokens"),
-    ([], "module names here: "),
-])
+@pytest.mark.parametrize(
+    "targets,closest",
+    [
+        (["q_prj", "vproj"], "closest module names: o_proj, q_proj, v_proj"),
+        (r".*\.qq_proj", "closest module names: o_proj, q_proj, v_proj"),
+        (["attention.query"], "module names here: act_fn, down_proj, embed_tokens"),
+        ([], "module names here: "),
+    ],
+)
 def test_target_modules_matching_nothing(model, targets, closest):
     error = refused(model, ValueError, "matches no module of this model", target_modules=targets)
     assert closest in str(error)
@@ -234,25 +282,38 @@ def test_lora_config_whose_layers_match_nothing(model):
 
 @pytest.mark.parametrize("targets", [5, ["q_proj", 3], {"q_proj": 1}.items()])
 def test_target_modules_of_wrong_type(model, targets):
-    refused(model, TypeError, "target_modules must be module names .*, a regex .*, a peft LoraConfig or None",
-            target_modules=targets)
+    refused(
+        model,
+        TypeError,
+        "target_modules must be module names .*, a regex .*, a peft LoraConfig or None",
+        target_modules=targets,
+    )
 
 
 def test_peft_config_without_target_modules(model):
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    refused(model, ValueError, "target_modules is a PromptTuningConfig that names no target modules", target_modules=config)
+    refused(
+        model, ValueError, "target_modules is a PromptTuningConfig that names no target modules", target_modules=config
+    )
 
 
-@pytest.mark.parametrize("conflict,extra,missing", [
-    (LoraConfig(target_modules=["k_proj"]), "k_proj", "q_proj"),
-    (["q_proj", "v_proj", "o_proj"], "o_proj", None),
-    ("q_proj", None, "v_proj"),
-])
+@pytest.mark.parametrize(
+    "conflict,extra,missing",
+    [
+        (LoraConfig(target_modules=["k_proj"]), "k_proj", "q_proj"),
+        (["q_proj", "v_proj", "o_proj"], "o_proj", None),
+        ("q_proj", None, "v_proj"),
+    ],
+)
 def test_conflicting_lora_config_on_a_peft_model(device, conflict, extra, missing):
     base = tiny.load(tiny.checkpoint("llama"), "quanto-int4", device)
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    error = refused(peft_model, ValueError, "target_modules disagrees with the adapters this PeftModel already has",
-                    target_modules=conflict)
+    error = refused(
+        peft_model,
+        ValueError,
+        "target_modules disagrees with the adapters this PeftModel already has",
+        target_modules=conflict,
+    )
     message = str(error)
     named = message.split("named but not adapted: ")[1].split(";")[0]
     unnamed = message.split("adapted but not named: ")[1].split("]")[0]
@@ -287,8 +348,9 @@ def _unknown_quantizer_model(device, kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind,label", [("integer", "unknown integer weight (int8)"),
-                                        ("subclass", "unknown tensor subclass OpaqueTensor")])
+@pytest.mark.parametrize(
+    "kind,label", [("integer", "unknown integer weight (int8)"), ("subclass", "unknown tensor subclass OpaqueTensor")]
+)
 @pytest.mark.parametrize("upcast", ["peft", "norms", "adjacent"])
 def test_unknown_quantizer_is_treated_as_quantized_and_reported(device, kind, label, upcast):
     model = _unknown_quantizer_model(device, kind)
@@ -298,8 +360,9 @@ def test_unknown_quantizer_is_treated_as_quantized_and_reported(device, kind, la
     report = portable_kbit.report(model)
     assert report.quantizers == {label: 2}
     assert report.skipped_quantized == 2
-    assert any("treated as quantized and left untouched (quantizer not recognised)" in n and label in n
-               for n in report.notes), report.notes
+    assert any(
+        "treated as quantized and left untouched (quantizer not recognised)" in n and label in n for n in report.notes
+    ), report.notes
     assert not any("up_proj" in name for name in report.upcast)
     for name, p in unknown.items():
         assert p.dtype == before[name][0] and torch.equal(model_state.raw_bytes(p), before[name][1]), name

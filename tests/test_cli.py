@@ -43,7 +43,9 @@ def test_env_json_lists_cpu_with_versions_and_working_quantizers(capsys):
     cpu_probes = {p["quantizer"]: p for p in info["quantizers"] if p["backend"] == "cpu"}
     assert cpu_probes and all(p["works"] or p["why_not"] for p in cpu_probes.values())
     assert cpu_probes["bnb-nf4"]["works"] and cpu_probes["quanto-int4"]["works"]  # both in the test extra
-    assert info["default"]["backend"] == info["backends"][[e["available"] for e in info["backends"]].index(True)]["name"]
+    assert (
+        info["default"]["backend"] == info["backends"][[e["available"] for e in info["backends"]].index(True)]["name"]
+    )
     assert info["default"]["quantizer"] is not None
 
 
@@ -85,7 +87,9 @@ def test_compare_tiny_writes_json_lines_table_and_png():
     assert [json.loads(line) for line in run.out.splitlines() if line.startswith("{")] == records
     assert not [r for r in records if "error" in r]
     phases = {(r["variant"], r["phase"]) for r in records}
-    assert phases == {(v, p) for v in ("none", "peft", "ours-fp32") for p in ("start", "load", "prep", "lora", "train")}
+    assert phases == {
+        (v, p) for v in ("none", "peft", "ours-fp32") for p in ("start", "load", "prep", "lora", "train")
+    }
     for record in records:
         assert record["seconds"] >= 0 and record["host_available"] > 0 and record["process_rss"] > 0
         assert "allocated" in record and "reserved" in record and "peak_allocated" in record
@@ -100,20 +104,26 @@ def test_compare_tiny_writes_json_lines_table_and_png():
 def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
     from portable_kbit import compare, tiny
 
-    records = compare.run_variant(tiny.checkpoint("llama"), "peft", "cpu", steps=1, seq_len=16, quantizer="quanto-int4")
+    records = compare.run_variant(
+        tiny.checkpoint("llama"), "peft", "cpu", steps=1, seq_len=16, quantizer="quanto-int4"
+    )
     # peft's own function cannot prepare an optimum-quanto model (notes/backend-facts.md): recorded, not raised
     assert [r["phase"] for r in records] == ["start", "load", "prep"]
     assert "cannot be changed" in records[-1]["error"]
-    ours = compare.run_variant(tiny.checkpoint("llama"), "ours-native", "cpu", steps=1, seq_len=16,
-                               quantizer="quanto-int4")
+    ours = compare.run_variant(
+        tiny.checkpoint("llama"), "ours-native", "cpu", steps=1, seq_len=16, quantizer="quanto-int4"
+    )
     assert [r["phase"] for r in ours] == list(compare.PHASES) and "error" not in ours[-1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--device", "nope"], "unknown device"),
-    (["compare", "tiny", "--variants", "none,bogus"], "unknown variant"),
-    (["compare", "/no/such/folder"], "neither a local checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--device", "nope"], "unknown device"),
+        (["compare", "tiny", "--variants", "none,bogus"], "unknown variant"),
+        (["compare", "/no/such/folder"], "neither a local checkpoint"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
     code, _, err = run_main(capsys, *argv)
     assert code == 2 and message in err

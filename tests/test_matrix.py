@@ -30,9 +30,14 @@ ACTIVATIONS = ("fp32", "native")
 
 # what portable_kbit.report() calls each quantizer's weights
 REPORTED = {
-    "bnb-nf4": "bitsandbytes-4bit", "bnb-fp4": "bitsandbytes-4bit", "bnb-8bit": "bitsandbytes-8bit",
-    "quanto-int8": "optimum-quanto", "quanto-int4": "optimum-quanto", "quanto-float8": "optimum-quanto",
-    "torchao-int8": "torchao", "torchao-int4": "torchao",
+    "bnb-nf4": "bitsandbytes-4bit",
+    "bnb-fp4": "bitsandbytes-4bit",
+    "bnb-8bit": "bitsandbytes-8bit",
+    "quanto-int8": "optimum-quanto",
+    "quanto-int4": "optimum-quanto",
+    "quanto-float8": "optimum-quanto",
+    "torchao-int8": "torchao",
+    "torchao-int4": "torchao",
     "hqq-4bit": "unknown integer weight (uint8)",  # not recognised by type: treated as quantized, and said so
 }
 

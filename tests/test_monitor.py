@@ -22,8 +22,9 @@ def lora_model(quantizer: str = "bnb-nf4"):
     from peft import LoraConfig, get_peft_model
 
     model = tiny.load(tiny.checkpoint("llama"), quantizer, "cpu")
-    model = portable_kbit.prepare(model, "cpu", target_modules=TARGETS,
-                                  gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = portable_kbit.prepare(
+        model, "cpu", target_modules=TARGETS, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
 
 
@@ -55,8 +56,15 @@ def test_with_a_real_trainer_records_snapshots_and_logs_memory(tmp_path):
 
     monitor = MemoryMonitor(every_n_steps=1)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, logging_steps=1, report_to="none", use_cpu=True,
-        per_device_train_batch_size=2, learning_rate=1e-3, save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = Trainer(model=lora_model(), args=args, train_dataset=token_rows(), callbacks=[Recorder(), monitor])
     monitor.attach(trainer)
@@ -96,8 +104,11 @@ def test_in_a_plain_loop_snapshots_every_n_steps():
 def fake_virtual_memory(monkeypatch, available: int, total: int = 16 * GiB) -> None:
     real = psutil.virtual_memory()
     Memory = collections.namedtuple("Memory", ["total", "available", "percent", "used", "free"])
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(total, available, 100 * (1 - available / total),
-                                                                   total - available, real.free))
+    monkeypatch.setattr(
+        psutil,
+        "virtual_memory",
+        lambda: Memory(total, available, 100 * (1 - available / total), total - available, real.free),
+    )
 
 
 def test_low_unified_memory_warns_exactly_once(monkeypatch):
@@ -132,8 +143,9 @@ class StandInBackend(Backend):
     device_type = "cpu"
 
     def __init__(self, allocated: int, reserved: int, unified: bool, device_free=None, device_total=None):
-        self.stats = AllocatorStats(allocated=allocated, reserved=reserved, device_free=device_free,
-                                    device_total=device_total)
+        self.stats = AllocatorStats(
+            allocated=allocated, reserved=reserved, device_free=device_free, device_total=device_total
+        )
         self.unified = unified
         self.released = 0
 
@@ -147,13 +159,16 @@ class StandInBackend(Backend):
         self.released += 1
 
 
-@pytest.mark.parametrize("cached_mib, available_fraction, expected", [
-    (512, 0.20, True),    # the edge of both conditions: release
-    (2048, 0.05, True),
-    (511, 0.05, False),   # too little cached to be worth it
-    (2048, 0.21, False),  # enough memory available
-    (0, 0.01, False),
-])
+@pytest.mark.parametrize(
+    "cached_mib, available_fraction, expected",
+    [
+        (512, 0.20, True),  # the edge of both conditions: release
+        (2048, 0.05, True),
+        (511, 0.05, False),  # too little cached to be worth it
+        (2048, 0.21, False),  # enough memory available
+        (0, 0.01, False),
+    ],
+)
 def test_release_rule_on_unified_memory_is_vllms(monkeypatch, cached_mib, available_fraction, expected):
     total = 16 * GiB
     stand_in = StandInBackend(allocated=3 * GiB, reserved=3 * GiB + cached_mib * MiB, unified=True)
@@ -202,16 +217,29 @@ def test_with_trl_sft_trainer(tmp_path):
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{word: i + 3 for i, word in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
     texts = [" ".join(words[(7 * i + j) % 200] for j in range(12)) for i in range(8)]
     monitor = MemoryMonitor(every_n_steps=1)
     config = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
-        per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True, max_length=32,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=32,
     )
-    trainer = trl.SFTTrainer(model=lora_model(), args=config, processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_dict({"text": texts}), callbacks=[monitor])
+    trainer = trl.SFTTrainer(
+        model=lora_model(),
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        callbacks=[monitor],
+    )
     trainer.train()
     assert monitor.steps == [1, 2]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

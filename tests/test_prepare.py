@@ -69,8 +69,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-            and a.device == b.device and torch.equal(_bytes(a), _bytes(b))
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and torch.equal(_bytes(a), _bytes(b))
         )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
@@ -124,10 +128,13 @@ def train_steps(model, steps: int):
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads.append({
-            name: (p.grad.detach().float().clone() if p.grad is not None else None)
-            for name, p in model.named_parameters() if "lora_A" in name or "lora_B" in name
-        })
+        grads.append(
+            {
+                name: (p.grad.detach().float().clone() if p.grad is not None else None)
+                for name, p in model.named_parameters()
+                if "lora_A" in name or "lora_B" in name
+            }
+        )
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.item()))
@@ -142,8 +149,9 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
     quantized_before = quantized_state(model)
     assert len(quantized_before) == 14  # 7 projections x 2 layers
     dtypes_before = {name: p.dtype for name, p in model.named_parameters()}
-    values_before = {name: p.detach().float().clone() for name, p in model.named_parameters()
-                     if name not in quantized_before}
+    values_before = {
+        name: p.detach().float().clone() for name, p in model.named_parameters() if name not in quantized_before
+    }
 
     returned = portable_kbit.prepare(model, backend, target_modules=TARGETS)
     assert returned is model

@@ -21,7 +21,10 @@ BLOCK = re.compile(
     r"(?:<!--\s*no-test:\s*(?P<reason>.*?)\s*-->[ \t]*\n\s*)?^```(?P<lang>python|bash)[ \t]*\n(?P<code>.*?)^```",
     re.S | re.M,
 )
-SETUP_COMMANDS = ['pip install -e ".[demo]" && python -m portable_kbit demo', 'pip install -e ".[test]" && python -m pytest -q']
+SETUP_COMMANDS = [
+    'pip install -e ".[demo]" && python -m portable_kbit demo',
+    'pip install -e ".[test]" && python -m pytest -q',
+]
 
 
 @dataclasses.dataclass
@@ -117,7 +120,9 @@ def test_bash_block_runs(block):
         elif argv[:3] == ["python", "-m", "portable_kbit"]:
             args = argv[3:]
         else:
-            pytest.fail(f"README.md line {block.line}: no test runs {command!r}; mark the block no-test or run it here")
+            pytest.fail(
+                f"README.md line {block.line}: no test runs {command!r}; mark the block no-test or run it here"
+            )
         run = run_once(tuple(args))  # tests/test_cli.py checks the outputs of the README's compare command
         assert run.code == 0, f"{command}: exit {run.code}\n{run.err[-2000:]}"
         assert run.out.strip(), f"{command}: printed nothing"

@@ -81,12 +81,24 @@ def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast):
     assert now.params.keys() == state.params.keys()
     for name, before in state.params.items():
         after = now.params[name]
-        assert (after["dtype"], after["requires_grad"], after["id"]) == (before["dtype"], before["requires_grad"], before["id"])
+        assert (after["dtype"], after["requires_grad"], after["id"]) == (
+            before["dtype"],
+            before["requires_grad"],
+            before["id"],
+        )
         assert model_state.same_bytes(after["bytes"], before["bytes"]), f"{name} changed"
     for name, record in state.modules.items():  # checkpointing flags and functions, input-grad hooks: untouched
-        for attr in ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks", "training"):
+        for attr in (
+            "gradient_checkpointing",
+            "_gradient_checkpointing_func",
+            "_require_grads_hook",
+            "_require_grads_hooks",
+            "training",
+        ):
             assert now.modules[name].get(attr) == record.get(attr), f"{name}.{attr} changed"
-    assert (model.__dict__.get("_require_grads_hooks") or model.__dict__.get("_require_grads_hook")) is require_grads_hook
+    assert (
+        model.__dict__.get("_require_grads_hooks") or model.__dict__.get("_require_grads_hook")
+    ) is require_grads_hook
 
     # and the twice-prepared model trains like a once-prepared one
     torch.manual_seed(0)
@@ -110,7 +122,11 @@ def test_second_call_with_another_policy_adds_only_the_difference(backend, devic
     assert second.upcast and not set(second.upcast) & set(first.upcast)
     assert all(model.get_parameter(n).dtype == torch.float32 for n in first.upcast + second.upcast)
     # the old call's flow hooks were replaced, not added to: two per upcast norm, two per guarded consumer
-    expected = hooks + 2 * (len(second.upcast_norms) - len(first.upcast_norms)) + 2 * (second.input_guards - first.input_guards)
+    expected = (
+        hooks
+        + 2 * (len(second.upcast_norms) - len(first.upcast_norms))
+        + 2 * (second.input_guards - first.input_guards)
+    )
     assert sum(hooks_per_module(model).values()) == expected
 
 

@@ -123,7 +123,11 @@ def test_kth_chunk_failure_restores_everything(backend, device, arch, quantizer,
 
 
 FAULTS = {  # what a chunk raises, where in the chunk, and the message the re-raised error must keep
-    "out of memory": (lambda k: torch.OutOfMemoryError(f"CUDA out of memory (injected, chunk {k})"), "middle", "injected"),
+    "out of memory": (
+        lambda k: torch.OutOfMemoryError(f"CUDA out of memory (injected, chunk {k})"),
+        "middle",
+        "injected",
+    ),
     "KeyboardInterrupt": (lambda k: KeyboardInterrupt(), "after", None),
 }
 
@@ -242,8 +246,13 @@ def test_failure_in_a_second_call_restores_the_first_calls_state(backend, device
             patch.setattr(prepare_module, name, make(getattr(prepare_module, name)))
             with pytest.raises(InjectedFault) as raised:
                 # a different policy and checkpointing kwargs: the second call has casts and checkpointing to undo
-                portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], upcast="peft",
-                                      chunk_bytes=CHUNK_BYTES, gradient_checkpointing_kwargs={"use_reentrant": False})
+                portable_kbit.prepare(
+                    model,
+                    target_modules=tiny.LORA_TARGETS[arch],
+                    upcast="peft",
+                    chunk_bytes=CHUNK_BYTES,
+                    gradient_checkpointing_kwargs={"use_reentrant": False},
+                )
         restored_note(raised.value)
         model_state.assert_unchanged(before, model, f"second call failed in {step}")
         assert portable_kbit.report(model) is first_report
@@ -259,8 +268,9 @@ def test_failure_on_a_peft_model_restores_adapters_trainable(backend, device, mo
 
     arch = "llama"
     model = load(arch, "quanto-int4", backend, device)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=tiny.LORA_TARGETS[arch],
-                                                  modules_to_save=["lm_head"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=tiny.LORA_TARGETS[arch], modules_to_save=["lm_head"])
+    )
     before = model_state.take(peft_model)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
@@ -308,7 +318,9 @@ def test_memory_pressure_error_before_any_change(monkeypatch):
     with_headroom(monkeypatch, 64 << 10)  # 64 KiB: the fp32 embeddings alone need 128 KiB
     applied = []
     monkeypatch.setattr(CastJournal, "apply", lambda self, chunk, before_each=None: applied.append(chunk))
-    with pytest.raises(portable_kbit.MemoryPressureError, match=r"only 0\.1 MiB is available.*the model was not changed") as raised:
+    with pytest.raises(
+        portable_kbit.MemoryPressureError, match=r"only 0\.1 MiB is available.*the model was not changed"
+    ) as raised:
         portable_kbit.prepare(model, "cpu", upcast="peft")
     assert applied == [], "a cast was attempted"
     error = raised.value

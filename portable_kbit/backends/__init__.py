@@ -73,7 +73,9 @@ def resolve(device: str | torch.device = "auto", model_device: torch.device | No
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'auto', 'cuda:0', 'mps' or 'cpu', not {type(device).__name__}")
+        raise TypeError(
+            f"device must be a string such as 'auto', 'cuda:0', 'mps' or 'cpu', not {type(device).__name__}"
+        )
     request = device.strip().lower()
     if request == "auto":
         if model_device is not None and model_device.type != "meta":
@@ -83,9 +85,7 @@ def resolve(device: str | torch.device = "auto", model_device: torch.device | No
         return Target(get(name), get(name).device())
     match = DEVICE_PATTERN.match(request)
     if match is None or match.group("name") not in REGISTRY:
-        raise ValueError(
-            f"unknown device {device!r}: use 'auto', 'cuda', 'cuda:N', 'rocm', 'rocm:N', 'mps' or 'cpu'"
-        )
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cuda', 'cuda:N', 'rocm', 'rocm:N', 'mps' or 'cpu'")
     name, index = match.group("name"), match.group("index")
     backend = get(name)
     reason = backend.why_unavailable()

@@ -26,8 +26,12 @@ class RocmBackend(CudaBackend):
         if self.is_unified(device):
             # APUs (Strix Halo, MI300A): HIP may report only the VRAM aperture or only GTT as total.
             return AllocatorStats(
-                stats.allocated, stats.reserved, stats.peak_allocated, stats.peak_reserved,
-                stats.device_free, stats.device_total,
+                stats.allocated,
+                stats.reserved,
+                stats.peak_allocated,
+                stats.peak_reserved,
+                stats.device_free,
+                stats.device_total,
                 stats.notes + ("APU: device_total is what HIP reports, which may be only the VRAM aperture",),
             )
         return stats
