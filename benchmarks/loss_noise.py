@@ -42,7 +42,7 @@ def main() -> None:
     reference = runs["peft"][0]
 
     def gap(a: list[float], b: list[float]) -> float:
-        return max(abs(x - y) for x, y in zip(a, b))
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
     print(
         json.dumps(

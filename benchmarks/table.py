@@ -112,7 +112,12 @@ def render_run(folder: Path) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     losses = {c: phases[c].get("train", {}).get("losses") for c in columns}
     if losses.get("peft"):
-        gaps = {c: max(abs(a - b) for a, b in zip(l, losses["peft"])) for c, l in losses.items() if l and c != "peft"}
+        # a variant that failed part-way has fewer losses: compare the steps it has
+        gaps = {
+            c: max(abs(a - b) for a, b in zip(steps, losses["peft"], strict=False))
+            for c, steps in losses.items()
+            if steps and c != "peft"
+        }
         lines += ["", "Largest loss gap to peft over the steps: " + ", ".join(f"{c} {g:.4f}" for c, g in gaps.items())]
     errors = [f"{v}/{p}: {r['error']}" for v, run in phases.items() for p, r in run.items() if "error" in r]
     if errors:

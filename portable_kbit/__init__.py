@@ -1,4 +1,4 @@
-"""portable_kbit: prepare a quantized LLM for LoRA/QLoRA training without spending memory, on CUDA, ROCm, MPS and CPU."""
+"""portable_kbit: prepare a quantized LLM for LoRA/QLoRA training without spending memory (CUDA, ROCm, MPS, CPU)."""
 
 from .backends import BackendUnavailableError, available_backends
 from .errors import MemoryPressureError

@@ -12,7 +12,7 @@ from .plan import ParamCast
 
 
 def chunked(casts: list[ParamCast], budget: int) -> list[list[ParamCast]]:
-    """Group casts so that each chunk allocates at most `budget` new bytes (a larger single tensor is its own chunk)."""
+    """Group casts so that each chunk allocates at most `budget` new bytes (a larger tensor is a chunk of its own)."""
     chunks: list[list[ParamCast]] = []
     current: list[ParamCast] = []
     size = 0

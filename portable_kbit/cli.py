@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- env ---------------------------------------------------------------------------------------------------------------
+# ---- env ------------------------------------------------------------------------------------------------------------
 
 
 def environment(probe: bool = True) -> dict[str, Any]:
@@ -216,7 +216,7 @@ def _memory_line(snap: dict[str, Any]) -> str:
     )
 
 
-# ---- demo ------------------------------------------------------------------------------------------------------------
+# ---- demo -----------------------------------------------------------------------------------------------------------
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -249,7 +249,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if finite else 1
 
 
-# ---- compare ------------------------------------------------------------------------------------------------------------
+# ---- compare --------------------------------------------------------------------------------------------------------
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -341,5 +341,5 @@ def _quiet(enabled: bool) -> Iterator[None]:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)

@@ -237,7 +237,7 @@ class _Phases:
             error = failure
         seconds = time.perf_counter() - started
         after = memory.take(self.target)
-        peak = memory.peak_of(before, samples + [after])
+        peak = memory.peak_of(before, [*samples, after])
         record = {
             **self.base,
             "phase": name,
@@ -547,7 +547,7 @@ def compare(
     return records
 
 
-# ---- presentation ----------------------------------------------------------------------------------------------------
+# ---- presentation ---------------------------------------------------------------------------------------------------
 
 
 def _by_variant(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
@@ -617,7 +617,7 @@ def plot(records: Sequence[dict], path: str, title: str | None = None) -> str:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     width = 0.8 / max(1, len(by_variant))
-    for axis, (field, peak_field, label) in zip(axes, metrics):
+    for axis, (field, peak_field, label) in zip(axes, metrics, strict=True):
         for index, (variant, recorded) in enumerate(by_variant.items()):
             xs, values, peaks = [], [], []
             for position, phase in enumerate(phases):

@@ -232,7 +232,7 @@ def _fill_pattern(pattern: str, indices: list[str]) -> str | None:
     if len(parts) - 1 > len(indices):
         return None
     out = parts[0]
-    for index, part in zip(indices, parts[1:]):
+    for index, part in zip(indices[: len(parts) - 1], parts[1:], strict=True):
         out += "." + index + part
     return out
 
@@ -435,10 +435,10 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
                 names_to_cast[name] = None
     modules = dict(model.named_modules())
     for norm in upcast_norms:
-        for attr, p in modules[norm].named_parameters(recurse=False):
+        for attr, _ in modules[norm].named_parameters(recurse=False):
             names_to_cast[f"{norm}.{attr}"] = None
     for module_name in _modules_to_save_targets(model, spec):
-        for attr, p in modules[module_name].named_parameters():
+        for attr, _ in modules[module_name].named_parameters():
             names_to_cast[f"{module_name}.{attr}"] = None
 
     casts: list[ParamCast] = []

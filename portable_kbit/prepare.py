@@ -226,7 +226,8 @@ def resolve_target(model: nn.Module, device: Any) -> tuple[Target, torch.device 
         if any(k.startswith("bitsandbytes") for k in quantizers):
             raise ValueError(
                 f"this bitsandbytes model is on the CPU but device={device!r}: bitsandbytes quantizes while loading, "
-                f"so load it there: from_pretrained(..., quantization_config=..., device_map={{'': '{target.device}'}})"
+                "so load it there: from_pretrained(..., quantization_config=..., "
+                f"device_map={{'': '{target.device}'}})"
             )
         return target, target.device
     raise ValueError(
@@ -349,7 +350,7 @@ def finish_on_device(target: Target) -> None:
     target.backend.release(target.device)
 
 
-# ---- the record ---------------------------------------------------------------------------------------------------------
+# ---- the record -----------------------------------------------------------------------------------------------------
 
 
 def build_report(
@@ -374,7 +375,7 @@ def build_report(
     quantizers: dict[str, int] = {}
     for kind in changes.quantized.values():
         quantizers[kind] = quantizers.get(kind, 0) + 1
-    peak = memory.peak_of(before, samples + [memory.take(target)])
+    peak = memory.peak_of(before, [*samples, memory.take(target)])
     return PrepReport(
         backend=target.backend.name,
         device=str(target.device),

@@ -85,7 +85,8 @@ class PrepReport:
             return "n/a" if value is None else f"{value / MiB:+.1f} MiB"
 
         lines = [
-            f"portable_kbit.prepare on {self.device} ({self.backend}): policy={self.policy}, activations={self.activations}",
+            f"portable_kbit.prepare on {self.device} ({self.backend}): policy={self.policy}, "
+            f"activations={self.activations}",
             f"  upcast {len(self.upcast)} parameters ({len(self.upcast_norms)} norms), "
             f"{self.skipped_quantized} quantized parameters untouched, {self.input_guards} input casts, "
             f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms",

@@ -62,7 +62,8 @@ def _same_frozen(a: Any, b: Any) -> bool:
     if isinstance(a, tuple) and len(a) == 4 and a[0] == "tensor":
         return isinstance(b, tuple) and len(b) == 4 and a[:3] == b[:3] and same_bytes(a[3], b[3])
     if isinstance(a, (list, tuple)):
-        return isinstance(b, type(a)) and len(a) == len(b) and all(_same_frozen(x, y) for x, y in zip(a, b))
+        same_length = isinstance(b, type(a)) and len(a) == len(b)
+        return same_length and all(_same_frozen(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same_frozen(a[k], b[k]) for k in a)
     return a == b

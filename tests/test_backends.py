@@ -31,7 +31,7 @@ HOST_AVAILABLE = 9 * GiB
 HOST_TOTAL = 32 * GiB
 
 
-# ---- stand-ins ---------------------------------------------------------------------------------------------------------
+# ---- stand-ins ------------------------------------------------------------------------------------------------------
 
 
 class Calls(collections.Counter):
@@ -83,7 +83,7 @@ def stand_in_accelerator(monkeypatch, calls: Calls, results: dict):
         monkeypatch.setattr(torch.accelerator, name, calls.wrap(f"accelerator.{name}", result), raising=False)
 
 
-# ---- MPS -----------------------------------------------------------------------------------------------------------------
+# ---- MPS ------------------------------------------------------------------------------------------------------------
 
 MPS_CURRENT = 2 * GiB
 MPS_DRIVER = 5 * GiB
@@ -133,7 +133,7 @@ def accelerator_calls(calls: Calls) -> dict:
 
 
 def test_mps_is_available_when_torch_says_so(fake_mps):
-    calls, set_version = fake_mps
+    _calls, set_version = fake_mps
     set_version((2, 12))
     assert "mps" in portable_kbit.available_backends()
     target = backends.resolve("mps")
@@ -183,7 +183,7 @@ def test_mps_from_2_13_uses_torch_accelerator(fake_mps):
 
 
 def test_mps_on_torch_2_5_without_torch_accelerator(fake_mps):
-    calls, set_version = fake_mps
+    _calls, set_version = fake_mps
     set_version((2, 5))
     stats = backends.get("mps").allocator_stats(torch.device("mps"))
     assert (stats.allocated, stats.reserved, stats.device_total) == (MPS_CURRENT, MPS_DRIVER, MPS_RECOMMENDED)
@@ -211,7 +211,7 @@ def test_mps_release_tolerates_unavailable_metal(fake_mps, monkeypatch):
 
 @pytest.mark.parametrize("host_available", [9 * GiB, 30 * GiB], ids=["host-tighter", "metal-tighter"])
 def test_mps_snapshot_is_unified_with_rss_note_and_headroom(fake_mps, host, host_available):
-    calls, set_version = fake_mps
+    _calls, set_version = fake_mps
     set_version((2, 12))
     host.available = host_available
     snap = portable_kbit.snapshot("mps")
@@ -225,7 +225,7 @@ def test_mps_snapshot_is_unified_with_rss_note_and_headroom(fake_mps, host, host
     assert snap.headroom == min(device_free, host_available) + (MPS_DRIVER - MPS_CURRENT)
 
 
-# ---- CUDA / ROCm -----------------------------------------------------------------------------------------------------
+# ---- CUDA / ROCm ----------------------------------------------------------------------------------------------------
 
 CUDA_FREE = 6 * GiB  # what cudaMemGetInfo / hipMemGetInfo says (under-reports on integrated GPUs)
 CUDA_TOTAL = 16 * GiB
@@ -399,7 +399,7 @@ def test_cpu_snapshot_without_torch_accelerator(monkeypatch):
     assert portable_kbit.available_backends()[-1] == "cpu"
 
 
-# ---- resolve() -----------------------------------------------------------------------------------------------------------
+# ---- resolve() ------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("request_", ["tpu", "gpu:0", "cuda:x", ""])

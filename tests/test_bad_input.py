@@ -69,7 +69,7 @@ def test_gradient_checkpointing_kwargs_not_a_dict(model):
     )
 
 
-# ---- devices ---------------------------------------------------------------------------------------------------------
+# ---- devices --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", ["tpu", "gpu", "cuda0", "cuda:x", "npu:0", "xla"])
@@ -240,7 +240,7 @@ def test_model_on_the_meta_device():
         )
 
 
-# ---- the model argument ------------------------------------------------------------------------------------------------
+# ---- the model argument ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", [None, "meta-llama/Llama-3.2-1B", {"weight": torch.zeros(2)}, torch.zeros(2)])
@@ -256,7 +256,7 @@ def test_module_without_parameters():
     refused(module, ValueError, "the model has no parameters: nothing to prepare")
 
 
-# ---- target_modules and LoraConfig -------------------------------------------------------------------------------------
+# ---- target_modules and LoraConfig ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -329,7 +329,7 @@ def test_agreeing_lora_config_on_a_peft_model_is_fine(device):
     assert portable_kbit.report(peft_model).adapters_from == "PeftModel"
 
 
-# ---- a quantizer we do not know: refuse to guess ----------------------------------------------------------------------
+# ---- a quantizer we do not know: refuse to guess --------------------------------------------------------------------
 
 
 class OpaqueTensor(torch.Tensor):

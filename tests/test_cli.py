@@ -143,7 +143,7 @@ def test_console_script_is_declared_and_runs():
     assert [p.value for p in points] == ["portable_kbit.cli:main"]
     script = shutil.which("portable-kbit", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     command = [script] if script else [sys.executable, "-m", "portable_kbit"]
-    done = subprocess.run(command + ["env", "--json", "--no-probe"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*command, "env", "--json", "--no-probe"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout)
     assert "cpu" in [e["name"] for e in info["backends"] if e["available"]]

@@ -42,8 +42,9 @@ REPORTED = {
 }
 
 
-# optimum-quanto, torchao and HQQ quantize nn.Linear only: GPT-2's Conv1D layers stay bf16 and transformers keeps lm_head
-# unquantized, so these cells run prepare() and LoRA on an unquantized GPT-2 (still a valid cell: nothing is skipped).
+# optimum-quanto, torchao and HQQ quantize nn.Linear only: GPT-2's Conv1D layers stay bf16 and transformers keeps
+# lm_head unquantized, so these cells run prepare() and LoRA on an unquantized GPT-2 (still a valid cell: nothing is
+# skipped).
 LINEAR_ONLY_MISSES = ("gpt2",)
 
 

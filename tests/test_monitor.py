@@ -1,4 +1,4 @@
-"""MemoryMonitor with a real transformers Trainer on CPU, by hand in a plain loop, and its warning and release rules."""
+"""MemoryMonitor with a real transformers Trainer on CPU, by hand in a plain loop; its warning and release rules."""
 
 from __future__ import annotations
 

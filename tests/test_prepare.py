@@ -29,7 +29,7 @@ ALL_NORMS = [
 ]
 
 
-# ---- helpers ----------------------------------------------------------------------------------------------------------
+# ---- helpers --------------------------------------------------------------------------------------------------------
 
 
 def load_bnb(backend: str, device: str):
@@ -79,7 +79,7 @@ def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -219,7 +219,7 @@ def test_adjacent_fp32_follows_peft_loss_curve(backend, device):
     assert len(our_losses) == len(peft_losses) == 5
     assert all(math.isfinite(x) for x in our_losses)
     assert our_losses[-1] < our_losses[0]  # it learns
-    for step, (ours, theirs) in enumerate(zip(our_losses, peft_losses), start=1):
+    for step, (ours, theirs) in enumerate(zip(our_losses, peft_losses, strict=True), start=1):
         assert abs(ours - theirs) < 1e-3, f"step {step}: ours {ours:.5f}, peft {theirs:.5f}"
 
 
@@ -258,7 +258,7 @@ def test_quanto_int4_peft_fails_ours_trains(backend, device):
                 assert grad.abs().sum() > 0, f"step {step + 1}: {name} has an all-zero gradient"
 
 
-# ---- drop-in for peft's signature -------------------------------------------------------------------------------------
+# ---- drop-in for peft's signature -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -345,7 +345,7 @@ def test_modules_to_save_upcast_under_every_policy(backend, device, policy):
     assert torch.isfinite(loss)
 
 
-# ---- the dtype that flows out of upcast norms ---------------------------------------------------------------------------
+# ---- the dtype that flows out of upcast norms -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("activations, expected", [("native", torch.bfloat16), ("fp32", torch.float32)])

@@ -144,7 +144,7 @@ def test_second_call_switching_activations_replaces_the_flow_hooks(backend, devi
         assert hooks_by_mode.setdefault(activations, hooks_per_module(model)) == hooks_per_module(model)
         assert ("forward" in model.lm_head.__dict__) == (activations == "fp32")
         seen = []
-        probe = norm.register_forward_hook(lambda m, a, out: seen.append(out.dtype))  # after the flow hooks
+        probe = norm.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))  # after the flow hooks
         with torch.no_grad():
             model(input_ids=x)
         probe.remove()
@@ -165,7 +165,7 @@ def test_prepare_on_the_peft_model_after_prepare_on_the_base(backend, device):
     assert all(math.isfinite(x) for x in losses)
 
 
-# ---- either order ------------------------------------------------------------------------------------------------------
+# ---- either order ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("activations", ["fp32", "native"])
@@ -198,7 +198,7 @@ def test_before_and_after_get_peft_model_agree(backend, device, arch, quantizer,
     assert losses_before == pytest.approx(losses_after, rel=0, abs=1e-5)
 
 
-# ---- save and reload ------------------------------------------------------------------------------------------------------
+# ---- save and reload ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch,quantizer", CASES, ids=IDS)

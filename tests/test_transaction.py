@@ -1,10 +1,11 @@
 """A failure anywhere after prepare()'s first change leaves the model exactly as it was, and says so.
 
 Fault injection: the k-th cast chunk fails (for every k of a multi-chunk plan: before the chunk, in its middle, after
-it), with an ordinary error, an out-of-memory error and a KeyboardInterrupt; then failures in the later steps (dtype-flow
-hooks, gradient checkpointing, input gradients, the report). Each time the whole model state (tests/model_state.py:
-every parameter's dtype and bits, requires_grad, hooks, training and checkpointing flags, config) is compared with a
-copy taken before the call, and the error carries the "restored" note. MemoryPressureError comes before any change.
+it), with an ordinary error, an out-of-memory error and a KeyboardInterrupt; then failures in the later steps
+(dtype-flow hooks, gradient checkpointing, input gradients, the report). Each time the whole model state
+(tests/model_state.py: every parameter's dtype and bits, requires_grad, hooks, training and checkpointing flags,
+config) is compared with a copy taken before the call, and the error carries the "restored" note. MemoryPressureError
+comes before any change.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plan_chunks(model, arch: str) -> list[int]:
 
 
 def fail_on_chunk(monkeypatch, k: int, where: str, error: BaseException) -> dict:
-    """Make CastJournal.apply raise `error` on its k-th call (0-based): before, in the middle of, or after the chunk."""
+    """Make CastJournal.apply raise `error` on its k-th call (0-based): before, in the middle of or after the chunk."""
     original = CastJournal.apply
     calls = {"n": 0, "casts_done_in_failing_chunk": 0}
 
@@ -233,7 +234,7 @@ def test_failure_while_enabling_input_grads_restores_everything(backend, device,
 
 
 def test_failure_in_a_second_call_restores_the_first_calls_state(backend, device, monkeypatch):
-    """A repeat that fails leaves the model as the first (successful) call left it: fp32 norms, hooks, checkpointing."""
+    """A repeat that fails leaves the model as the first (successful) call left it: fp32 norms, hooks, checkpoints."""
     arch = "llama"
     model = load(arch, "quanto-int4", backend, device)
     portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch])
@@ -295,7 +296,7 @@ def test_failed_undo_is_reported_in_the_note(backend, device, monkeypatch):
     assert not any(RESTORED in note for note in notes), notes
 
 
-# ---- memory pressure: refused before the first change ----------------------------------------------------------------
+# ---- memory pressure: refused before the first change ---------------------------------------------------------------
 
 
 class LittleMemoryCpu(CpuBackend):

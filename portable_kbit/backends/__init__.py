@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import Optional
 
 import torch
 

@@ -32,6 +32,6 @@ class RocmBackend(CudaBackend):
                 stats.peak_reserved,
                 stats.device_free,
                 stats.device_total,
-                stats.notes + ("APU: device_total is what HIP reports, which may be only the VRAM aperture",),
+                (*stats.notes, "APU: device_total is what HIP reports, which may be only the VRAM aperture"),
             )
         return stats
