@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 
 from . import backends, memory, quantizers, tiny
 from .memory import MiB
+from .models import enable_checkpointing
 
 PHASES = ("start", "load", "prep", "lora", "train")
 CHECKPOINTING = {"use_reentrant": False}
@@ -83,6 +85,17 @@ def _small_config() -> Any:
     )
 
 
+def rope_theta_kwargs(theta: float) -> dict[str, Any]:
+    """A config's rope base: ``rope_parameters`` from transformers 5, ``rope_theta`` before (4.x)."""
+    import inspect
+
+    import transformers
+
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return {"rope_theta": theta}
+
+
 def _mistral_7b_config() -> Any:
     import transformers
 
@@ -94,9 +107,9 @@ def _mistral_7b_config() -> Any:
         num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=32768,
-        rope_theta=1000000.0,
         sliding_window=None,
         tie_word_embeddings=False,
+        **rope_theta_kwargs(1000000.0),
     )
 
 
@@ -350,14 +363,22 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
             kwargs["auto_clear_cache"] = variant == "peft"
         elif variant == "peft-noclear":
             extra["note"] = "this peft has no auto_clear_cache: ran its only behaviour"
-        return prepare_model_for_kbit_training(model, **kwargs)
+        with warnings.catch_warnings():  # peft's own calls of names transformers deprecated: not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            return prepare_model_for_kbit_training(model, **kwargs)
     from .prepare import prepare, report
 
-    options = {"ours-fp32": {}, "ours-native": {"activations": "native"}, "ours-peft": {"upcast": "peft"}}[variant]
+    options: dict[str, Any] = {
+        "ours-fp32": {},
+        "ours-native": {"activations": "native"},
+        "ours-peft": {"upcast": "peft"},
+    }[variant]
     model = prepare(
         model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
     )
     done = report(model)
+    if done is None:  # prepare() always leaves a report: its absence is a bug, not a result
+        raise RuntimeError("prepare() returned without a report")
     extra["prep_report"] = {
         "policy": done.policy,
         "activations": done.activations,
@@ -370,15 +391,6 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "seconds": round(done.seconds, 4),
     }
     return model
-
-
-def enable_checkpointing(model: Any, kwargs: dict) -> None:
-    """transformers' gradient checkpointing (5.x calls it activation checkpointing), as peft and prepare() set it."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=dict(kwargs))
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
 
 
 def train_steps(

@@ -14,17 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style transposed linear
 
-try:  # GPT-2 style transposed linear
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None
-
+from .models import weight_of
 from .quantized import handles_its_own_input_dtype
 
-STRICT_TYPES: tuple[type, ...] = tuple(
-    t for t in (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, Conv1D) if t is not None
-)
+STRICT_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, Conv1D)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -160,6 +155,7 @@ def computes_in_fp32(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (
         type(module).forward is nn.Linear.forward
+        and isinstance(weight, torch.Tensor)
         and type(weight) in (nn.Parameter, torch.Tensor)
         and weight.dtype in (torch.float16, torch.bfloat16)
         and not weight.requires_grad
@@ -170,10 +166,10 @@ def _fp32_linear_forward(module: nn.Module, chunk_bytes: int):
     original = type(module).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        weight = module.weight
+        weight = weight_of(module)
         if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
             rows = max(1, chunk_bytes // (4 * weight.shape[1]))
-            return FrozenLinearInFp32.apply(x, weight, module.bias, rows)
+            return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows)
         if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight's dtype
             return original(module, x.to(weight.dtype), *args, **kwargs).to(x.dtype)
         return original(module, x, *args, **kwargs)

@@ -133,7 +133,8 @@ class MemoryMonitor(TrainerCallback):
         if snap is None:
             return {}
         fields = ("allocated", "reserved", "peak_allocated", "peak_reserved", "host_available", "process_rss")
-        return {f"{LOG_PREFIX}{name}_mib": snap.mib(name) for name in fields if getattr(snap, name) is not None}
+        readings = {name: snap.mib(name) for name in fields}
+        return {f"{LOG_PREFIX}{name}_mib": value for name, value in readings.items() if value is not None}
 
     def attach(self, trainer: Any) -> Any:
         """Put this monitor first among `trainer`'s callbacks (adding it if missing), so that reporting

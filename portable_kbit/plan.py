@@ -10,11 +10,12 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from .models import hf_model, input_embeddings, is_peft_model, weight_of
 from .quantized import quantization_kind
 
 POLICIES = ("adjacent", "norms", "none", "peft")
@@ -88,21 +89,21 @@ def norm_names(model: nn.Module) -> list[str]:
 # ---- where adapters go ---------------------------------------------------------------------------------------
 
 
-def _peft():
+def _peft() -> Any:
     import peft
 
     return peft
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return isinstance(model, _peft().PeftModel)
 
 
 def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that carry an adapter, by peft's own base class."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):  # peft's class is a mixin: mypy narrows to it, away from nn.Module
+            layers[name] = cast(nn.Module, module)
+    return layers
 
 
 def adapter_submodules(model: nn.Module) -> set[int]:
@@ -200,11 +201,10 @@ def _nothing_matched_message(target_modules: Any, leaf_names: Sequence[str]) -> 
 def _check_consistent(model: nn.Module, adapted: list[str], target_modules: Any) -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    config = _lora_config(target_modules, model.get_base_model())
+    base = hf_model(model)
+    config = _lora_config(target_modules, base)
     prefix = "base_model.model."
-    wanted = {
-        prefix + n for n, m in model.get_base_model().named_modules() if n and check_target_module_exists(config, n)
-    }
+    wanted = {prefix + n for n, _ in base.named_modules() if n and check_target_module_exists(config, n)}
     wanted = {n for n in wanted if n in set(adapted) or not any(True for _ in model.get_submodule(n).children())}
     if wanted != set(adapted):
         extra = sorted(wanted - set(adapted))[:5]
@@ -238,9 +238,11 @@ def _fill_pattern(pattern: str, indices: list[str]) -> str | None:
 
 
 def _trace_input(model: nn.Module) -> dict[str, torch.Tensor]:
-    embeddings = model.get_input_embeddings()
-    vocab = embeddings.weight.shape[0]
-    ids = torch.tensor([[1, 2]], dtype=torch.long, device=embeddings.weight.device).clamp(max=vocab - 1)
+    embeddings = input_embeddings(model)
+    if embeddings is None:
+        raise ValueError("the model has no input embeddings: no token ids to trace with")
+    weight = weight_of(embeddings)
+    ids = torch.tensor([[1, 2]], dtype=torch.long, device=weight.device).clamp(max=weight.shape[0] - 1)
     return {"input_ids": ids}
 
 
@@ -248,9 +250,10 @@ def _shape_only_forward(module: nn.Module):
     """A stand-in forward that returns an empty meta tensor of the right shape, or None if we cannot tell the shape."""
     weight = getattr(module, "weight", None)
     float_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else None
-    if isinstance(getattr(module, "embedding_dim", None), int):
+    embedding_dim = getattr(module, "embedding_dim", None)
+    if isinstance(embedding_dim, int):
         dtype = float_dtype or torch.float32
-        return lambda ids, *args, **kwargs: torch.empty(*ids.shape, module.embedding_dim, device="meta", dtype=dtype)
+        return lambda ids, *args, **kwargs: torch.empty(*ids.shape, embedding_dim, device="meta", dtype=dtype)
     width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # Linear-likes, Conv1D
     if isinstance(width, int):
         return lambda x, *args, **kwargs: torch.empty(*x.shape[:-1], width, device="meta", dtype=x.dtype)
@@ -340,7 +343,7 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
 
         return hook
 
-    runner = model.get_base_model() if is_peft_model(model) else model
+    runner = hf_model(model)
     was_training = {m: m.training for m in model.modules()}
     stubbed: list[nn.Module] = []
     try:

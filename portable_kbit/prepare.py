@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from .errors import MemoryPressureError
 from .flow import install as install_flow_hooks
 from .flow import is_strict_consumer
 from .memory import MemorySnapshot
+from .models import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
 from .quantized import quantization_kind
 from .report import PrepReport
 from .transaction import Transaction
@@ -264,13 +264,13 @@ def move_model(model: nn.Module, device: torch.device, transaction: Transaction)
 
 def freeze_base_weights(model: nn.Module) -> None:
     """Every base weight frozen, as peft does; a PeftModel's adapters and modules_to_save copies stay trainable."""
-    if not plan.is_peft_model(model):
+    if not is_peft_model(model):
         for param in model.parameters():
             param.requires_grad_(False)
         return
     keep = plan.adapter_submodules(model)
     for wrapper in plan.modules_to_save_wrappers(model).values():
-        keep.update(id(m) for m in wrapper.modules_to_save.modules())
+        keep.update(id(m) for m in cast(nn.Module, wrapper.modules_to_save).modules())
     for module in model.modules():
         if id(module) in keep:
             continue
@@ -295,16 +295,14 @@ def add_dtype_flow_hooks(
     norms = {model.get_submodule(name): dtype for name, dtype in changes.upcast_norms.items()}
     skip = plan.adapter_submodules(model) | {id(m) for m in norms}
     consumers = [m for m in model.modules() if id(m) not in skip and is_strict_consumer(m)]
-    handles = install_flow_hooks(norms, consumers, activations, _input_embeddings(model), chunk_bytes)
-    transaction.on_undo(lambda: [h.remove() for h in handles])
+    handles = install_flow_hooks(norms, consumers, activations, input_embeddings(model), chunk_bytes)
+    transaction.on_undo(lambda: remove_all(handles))
     return handles, len(consumers)
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    try:
-        return model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
+def remove_all(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def enable_gradient_checkpointing(
@@ -317,19 +315,13 @@ def enable_gradient_checkpointing(
     if not enabled:
         return None
     kwargs = dict(kwargs or {})
-    hf_model = model.get_base_model() if plan.is_peft_model(model) else model
-    if previous is not None and previous.checkpointing_kwargs == kwargs and _input_grads_enabled(hf_model):
+    base = hf_model(model)
+    if previous is not None and previous.checkpointing_kwargs == kwargs and _input_grads_enabled(base):
         return kwargs
-    enable = getattr(hf_model, "activation_checkpointing_enable", None)  # transformers 5.x name; 4.x below
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(base, kwargs)
     needs_input_grads = kwargs.get("use_reentrant", True)
-    if needs_input_grads and not _input_grads_enabled(hf_model):
-        hf_model.enable_input_require_grads()
+    if needs_input_grads and not _input_grads_enabled(base):
+        call(base, "enable_input_require_grads")
     return kwargs
 
 

@@ -36,7 +36,7 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
     import transformers as tf
 
     heads = max(2, hidden // 32)
-    common_decoder = dict(
+    common_decoder: dict[str, Any] = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from torch import nn
 
@@ -26,16 +27,17 @@ class Transaction:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.undo_steps: list[Callable[[], None]] = []
+        self.undo_steps: list[Callable[[], object]] = []
 
-    def on_undo(self, step: Callable[[], None]) -> None:
+    def on_undo(self, step: Callable[[], object]) -> None:
+        """Run `step` (its result is ignored) if the transaction fails; steps run newest first."""
         self.undo_steps.append(step)
 
     def __enter__(self) -> Transaction:
         self._remember_hooks_and_flags()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
         if exc is None:
             return False
         failures = []

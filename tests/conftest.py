@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may load from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-warnings.filterwarnings("ignore", category=FutureWarning)
 
-import torch  # noqa: E402
+import torch
 
-import portable_kbit  # noqa: E402
+import portable_kbit
 
 # The test models are tiny: one intra-op CPU thread is as fast as two, and it does not spin-wait (OpenMP) when the
 # 2-core machine is busy with anything else. Measured on a loaded 2-core machine: tests/test_matrix.py took 22 s with

@@ -23,6 +23,7 @@ from portable_kbit import backends, tiny
 from portable_kbit.backends import BackendUnavailableError
 from portable_kbit.backends import mps as mps_module
 from portable_kbit.backends.base import MiB
+from portable_kbit.models import is_checkpointing
 
 prepare_module = importlib.import_module("portable_kbit.prepare")  # the package's `prepare` is the function
 
@@ -465,7 +466,7 @@ def model_state(model) -> dict:
         for name, m in model.named_modules()
     }
     training = {name: m.training for name, m in model.named_modules()}
-    checkpointing = getattr(model, "is_activation_checkpointing", model.is_gradient_checkpointing)
+    checkpointing = is_checkpointing(model)
     input_hook = bool(model.__dict__.get("_require_grads_hooks")) or model.__dict__.get("_require_grads_hook")
     return {
         "params": state,

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 
-import peft
 import pytest
 import torch
 from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
+from peft_baseline import prepare_with_peft
 
 import portable_kbit
 from portable_kbit import tiny
+from portable_kbit.models import is_checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADJACENT = ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]
@@ -100,9 +101,7 @@ def fp32_names(model) -> set[str]:
 
 
 def checkpointing_on(model) -> bool:
-    if hasattr(model, "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(model.is_gradient_checkpointing)
+    return is_checkpointing(model)
 
 
 def checkpointing_kwargs(model) -> dict:
@@ -207,7 +206,7 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
 
 def test_adjacent_fp32_follows_peft_loss_curve(backend, device):
     reference = load_bnb(backend, device)
-    peft.prepare_model_for_kbit_training(reference)
+    prepare_with_peft(reference)
     torch.manual_seed(0)
     _, peft_losses = tiny.train_lora(reference, TARGETS, steps=5)
 
@@ -227,7 +226,7 @@ def test_quanto_int4_peft_fails_ours_trains(backend, device):
     from optimum.quanto import QTensor
 
     with pytest.raises(ValueError):
-        peft.prepare_model_for_kbit_training(load_quanto(device))
+        prepare_with_peft(load_quanto(device))
 
     model = load_quanto(device)
     qtensors = {name: p for name, p in model.named_parameters() if isinstance(p, QTensor)}
@@ -277,7 +276,7 @@ def test_peft_compatible_calls(backend, device, args, kwargs):
     assert any(p.requires_grad for p in ours.parameters())  # so freezing is observable
     assert not checkpointing_on(ours) and not input_grads_hooked(ours)
 
-    peft.prepare_model_for_kbit_training(theirs, *args, **kwargs)
+    prepare_with_peft(theirs, *args, **kwargs)
     portable_kbit.prepare(ours, *args, **kwargs)
 
     assert {n: p.requires_grad for n, p in ours.named_parameters()} == {
@@ -311,7 +310,7 @@ def test_policy_norms_upcasts_every_norm(backend, device):
 
 def test_policy_peft_upcasts_what_peft_upcasts(backend, device):
     reference = load_bnb(backend, device)
-    peft.prepare_model_for_kbit_training(reference)
+    prepare_with_peft(reference)
     expected = fp32_names(reference)
     assert {"model.embed_tokens.weight", "lm_head.weight", *ALL_NORMS} <= expected
 

@@ -74,6 +74,15 @@ def test_the_readme_test_command_is_what_ci_runs():
         assert "pip install" in command and '-e ".[test]"' in command and "pytest" in command
 
 
+def test_the_readme_check_command_is_what_ci_runs():
+    block = next(b for b in blocks("bash") if "mypy" in b.code)
+    checks = commands(block.code)
+    assert {"ruff check .", "ruff format --check .", "mypy"} <= set(checks)
+    ci_checks = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "mypy" in line]
+    assert ci_checks, ".ci/run runs no mypy"
+    assert [c for c in checks if not c.startswith("pip install")] == commands(ci_checks[-1])
+
+
 def test_every_skipped_block_says_why():
     for block in blocks():
         assert block.reason is None or len(block.reason) > 5, block.id

@@ -51,7 +51,7 @@ class MpsBackend(Backend):
         free = None
         if recommended is not None and reserved is not None:
             free = max(0, recommended - reserved)
-        notes = (
+        notes: tuple[str, ...] = (
             "reserved is torch.mps.driver_allocated_memory (all Metal memory of this process, cache included)",
             "device_total is Metal's recommendedMaxWorkingSetSize; the allocator may grow past it into swap",
             "process_rss does not include Metal allocations on macOS",
