@@ -18,7 +18,11 @@ class MemoryPressureError(RuntimeError):
         message = (
             f"prepare() needs {required / MiB:.1f} MiB on {device} but only {headroom / MiB:.1f} MiB is available "
             f"(chunks of {chunk_bytes / MiB:.1f} MiB); the model was not changed. "
-            + (hint or "Free memory, use upcast='adjacent' or upcast='none', or pass a smaller chunk_bytes.")
+            + (
+                hint
+                or "Free memory, use frozen_norms='compute' (the default: norms in fp32 at call time, no new bytes) "
+                "with upcast='adjacent', or upcast='none', or pass a smaller chunk_bytes."
+            )
         )
         super().__init__(message)
 

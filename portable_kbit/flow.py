@@ -10,6 +10,8 @@ Two rules, both explicit rather than left to dtype promotion inside each archite
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,10 @@ from transformers.pytorch_utils import Conv1D  # GPT-2 style transposed linear
 
 from .models import weight_of
 from .quantized import handles_its_own_input_dtype
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)
+FP32_FLOWS = ("fp32", "layer")
 
 STRICT_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, Conv1D)
 
@@ -52,14 +58,19 @@ def _compute_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 class UpcastNormFlow:
-    """Hooks for one upcast norm: input cast to the weight's dtype, output cast to the flow dtype."""
+    """Hooks for one upcast norm: input cast to the dtype it computes in, output cast to the flow dtype.
 
-    def __init__(self, flow_dtype: torch.dtype) -> None:
+    The compute dtype is fp32 for a norm computed in fp32 at call time, else (None) its weight's dtype at call time
+    (fp32 once its parameters were cast).
+    """
+
+    def __init__(self, flow_dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> None:
         self.flow_dtype = flow_dtype
+        self.compute_dtype = compute_dtype
 
     def before(self, module: nn.Module, args: tuple) -> tuple | None:
         x = _first_tensor(args)
-        dtype = _weight_dtype(module)
+        dtype = self.compute_dtype or _weight_dtype(module)
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
             return None
         return _replace_first(args, x.to(dtype))
@@ -129,15 +140,32 @@ class FrozenLinearInFp32(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class ForwardOverride:
-    """An instance-level forward (a removable handle, like a hook's): removing it restores what was there before."""
+Forward = Callable[..., Any]
 
-    def __init__(self, module: nn.Module, forward: Any) -> None:
+
+def _override_of(forward: Forward | None) -> ForwardOverride | None:
+    handle = getattr(forward, "override", None)
+    return handle if isinstance(handle, ForwardOverride) else None
+
+
+class ForwardOverride:
+    """An instance-level forward (a removable handle, like a hook's): removing it restores what was there before.
+
+    `make_forward(call_previous)` builds the new forward around the one it replaces: an instance forward that was
+    there (accelerate's device hooks, another override of this call), else the class's. An override of an earlier
+    prepare() that this call supersedes (`superseded`) is skipped: the new one wraps what that one wrapped.
+    """
+
+    def __init__(self, module: nn.Module, make_forward: Callable[[Forward], Forward]) -> None:
         self.module = module
+        self.superseded = False
         current = module.__dict__.get("forward")
-        # Replacing an override of an earlier prepare(): restore what was there before that one, not it.
-        self.previous = getattr(current, "replaced", current)
-        forward.replaced = self.previous
+        while (older := _override_of(current)) is not None and older.superseded:
+            current = older.previous
+        self.previous: Forward | None = current
+        call_previous = current if current is not None else type(module).forward.__get__(module)
+        forward = make_forward(call_previous)
+        forward.override = self  # type: ignore[attr-defined]  # a function attribute: finds this handle again
         self.forward = forward
         module.__dict__["forward"] = forward
 
@@ -162,19 +190,91 @@ def computes_in_fp32(module: nn.Module) -> bool:
     )
 
 
-def _fp32_linear_forward(module: nn.Module, chunk_bytes: int):
-    original = type(module).forward
+def _fp32_linear_forward(module: nn.Module, chunk_bytes: int, cast_input: bool) -> Callable[[Forward], Forward]:
+    """lm_head in fp32 from its half-precision weight; `cast_input`: a half-precision input is computed in fp32 too
+    ("layer" mode, whose stream between blocks is half precision), giving fp32 logits as in "fp32" mode."""
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        weight = weight_of(module)
-        if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
-            rows = max(1, chunk_bytes // (4 * weight.shape[1]))
-            return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows)
-        if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight's dtype
-            return original(module, x.to(weight.dtype), *args, **kwargs).to(x.dtype)
-        return original(module, x, *args, **kwargs)
+    def make(call_previous: Forward) -> Forward:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            weight = weight_of(module)
+            if cast_input and x.dtype in HALF_DTYPES:
+                x = x.float()
+            if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
+                rows = max(1, chunk_bytes // (4 * weight.shape[1]))
+                return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows)
+            if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight dtype
+                return call_previous(x.to(weight.dtype), *args, **kwargs).to(x.dtype)
+            return call_previous(x, *args, **kwargs)
 
-    return forward
+        return forward
+
+    return make
+
+
+@contextlib.contextmanager
+def parameters_in_fp32(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """For the duration of one call, the module's half-precision tensors `names` read as fp32 copies.
+
+    A bf16/fp16 value is exact in fp32, so the norm computes exactly as with an fp32 parameter, without one: no new
+    bytes between calls and no dtype change that a wrapper (FSDP), a checkpoint or an optimizer can see. Parameters
+    are swapped in `_parameters`; FSDP1 without use_orig_params sets plain tensor views as attributes during forward,
+    which are swapped in `__dict__`.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for name in names:
+            stores: tuple[dict[str, Any], ...] = (module._parameters, module.__dict__)
+            for store in stores:
+                value = store.get(name)
+                if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+                    store[name] = value.float()
+                    swapped.append((store, name, value))
+                    break
+        yield
+    finally:
+        for store, name, value in reversed(swapped):
+            store[name] = value
+
+
+def _fp32_compute_forward(module: nn.Module) -> Callable[[Forward], Forward]:
+    names = [name for name, p in module._parameters.items() if p is not None and p.is_floating_point()]
+
+    def make(call_previous: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with parameters_in_fp32(module, names):
+                return call_previous(*args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of "layer" mode: transformers' gradient-checkpointed layers (the decoder layers); for a model without
+    that class, the modules of its longest nn.ModuleList (the layer stack)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers: list[nn.Module] = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    except ImportError:  # transformers before the class existed
+        layers = []
+    if layers:
+        return layers
+    longest: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(longest):
+            longest = list(module)
+    return longest
+
+
+def _block_output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        y = _first_tensor(output)
+        if y is None or y.dtype != torch.float32:
+            return None
+        return _replace_first(output, y.to(dtype))
+
+    return hook
 
 
 def _embedding_output_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -191,24 +291,38 @@ def install(
     activations: str,
     input_embeddings: nn.Module | None = None,
     chunk_bytes: int = 64 << 20,
+    compute_norms: Sequence[nn.Module] = (),
+    blocks: Sequence[nn.Module] = (),
 ) -> list:
-    """Register the hooks; returns their handles (removing them restores the original forward).
+    """Register the hooks; returns their handles (removing them, newest first, restores the original forwards).
 
-    With "fp32" activations the embedding output is fp32 too (as with peft, whose embedding weight is fp32: the
-    residual stream and the rotary cos/sin follow its dtype), and a frozen half-precision nn.Linear consumer
-    (lm_head) computes in fp32 block by block instead of rounding its input and output to bf16.
+    Norms in `compute_norms` compute in fp32 at call time from their half-precision parameters. With "fp32"
+    activations the embedding output is fp32 too (as with peft, whose embedding weight is fp32: the residual stream
+    and the rotary cos/sin follow its dtype), and a frozen half-precision nn.Linear consumer (lm_head) computes in fp32
+    block by block instead of rounding its input and output to bf16. With "layer" activations the upcast norms hand
+    fp32 on inside each block (`blocks`), whose output is cast back to the model's dtype: the stream between blocks
+    and the checkpointed block inputs stay half precision; lm_head computes in fp32 as in "fp32" mode.
     """
     handles: list = []
+    fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
+    compute = {id(m) for m in compute_norms}
     for norm, original_dtype in upcast_norms.items():
-        flow = UpcastNormFlow(torch.float32 if activations == "fp32" else original_dtype)
+        in_fp32 = id(norm) in compute
+        flow = UpcastNormFlow(torch.float32 if fp32_inside else original_dtype, torch.float32 if in_fp32 else None)
         handles.append(norm.register_forward_pre_hook(flow.before))
         handles.append(norm.register_forward_hook(flow.after))
-    fp32_flow = activations == "fp32" and bool(upcast_norms)
-    if fp32_flow and input_embeddings is not None:
+        if in_fp32:
+            handles.append(ForwardOverride(norm, _fp32_compute_forward(norm)))
+    if fp32_inside and activations == "fp32" and input_embeddings is not None:
         handles.append(input_embeddings.register_forward_hook(_embedding_output_to_fp32))
+    if fp32_inside and activations == "layer":
+        native = next(iter(upcast_norms.values()))
+        for block in blocks:
+            handles.append(block.register_forward_hook(_block_output_to(native)))
     for module in consumers:
-        if fp32_flow and computes_in_fp32(module):
-            handles.append(ForwardOverride(module, _fp32_linear_forward(module, chunk_bytes)))
+        if fp32_inside and computes_in_fp32(module):
+            cast_input = activations == "layer"
+            handles.append(ForwardOverride(module, _fp32_linear_forward(module, chunk_bytes, cast_input)))
             continue
         guard = InputDtypeGuard()
         handles.append(module.register_forward_pre_hook(guard.before))

@@ -19,6 +19,9 @@ from .models import hf_model, input_embeddings, is_peft_model, weight_of
 from .quantized import quantization_kind
 
 POLICIES = ("adjacent", "norms", "none", "peft")
+#: how a frozen norm the policy selects gets fp32: computed in fp32 at call time (its parameters keep their dtype), or
+#: its parameters cast to fp32 (v0.1's behaviour; trained parameters, modules_to_save, are always cast)
+FROZEN_NORMS = ("compute", "upcast")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_NORM_TYPES: tuple[type, ...] = tuple(
     t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None
@@ -61,7 +64,8 @@ class AdapterSpec:
 class Plan:
     policy: str
     casts: list[ParamCast]
-    upcast_norms: dict[str, torch.dtype]  # norm module name -> its dtype before the upcast
+    upcast_norms: dict[str, torch.dtype]  # norm module name -> its dtype before the upcast (the flow's native dtype)
+    compute_norms: list[str]  # the upcast norms computed in fp32 at call time: their parameters are not cast
     adapter_spec: AdapterSpec | None
     quantized: dict[str, str]  # parameter name -> quantizer
     already_fp32: list[str]
@@ -400,7 +404,7 @@ def adjacent_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> tu
 # ---- the plan --------------------------------------------------------------------------------------------------
 
 
-def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
+def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str = "compute") -> Plan:
     """Work out every change prepare() will make, without making any."""
     quantized = {name: kind for name, p in model.named_parameters() if (kind := quantization_kind(p)) is not None}
     notes: list[str] = []
@@ -437,10 +441,15 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
             if name not in quantized and p.dtype in HALF_DTYPES:
                 names_to_cast[name] = None
     modules = dict(model.named_modules())
+    trained_in_full = _modules_to_save_targets(model, spec)
+    compute_norms: list[str] = []
     for norm in upcast_norms:
+        if frozen_norms == "compute" and not any(norm == m or norm.startswith(m + ".") for m in trained_in_full):
+            compute_norms.append(norm)
+            continue
         for attr, _ in modules[norm].named_parameters(recurse=False):
             names_to_cast[f"{norm}.{attr}"] = None
-    for module_name in _modules_to_save_targets(model, spec):
+    for module_name in trained_in_full:
         for attr, _ in modules[module_name].named_parameters():
             names_to_cast[f"{module_name}.{attr}"] = None
 
@@ -468,7 +477,7 @@ def build(model: nn.Module, policy: str, target_modules: Any) -> Plan:
         module = modules[norm]
         original = cast_dtype_by_module.get(id(module))
         norm_dtypes[norm] = original or _model_dtype(model, list(module.parameters(recurse=False)))
-    return Plan(policy, casts, norm_dtypes, spec, quantized, already, notes)
+    return Plan(policy, casts, norm_dtypes, compute_norms, spec, quantized, already, notes)
 
 
 def _modules_to_save_targets(model: nn.Module, spec: AdapterSpec | None) -> list[str]:

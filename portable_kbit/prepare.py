@@ -16,15 +16,15 @@ from . import backends, memory, plan
 from .backends import Target
 from .cast import CastJournal, chunked, required_bytes
 from .errors import MemoryPressureError
+from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer
 from .flow import install as install_flow_hooks
-from .flow import is_strict_consumer
 from .memory import MemorySnapshot
 from .models import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
 from .quantized import quantization_kind
 from .report import PrepReport
 from .transaction import Transaction
 
-ACTIVATIONS = ("fp32", "native")
+ACTIVATIONS = ("fp32", "layer", "native")
 STATE_ATTRIBUTE = "_portable_kbit_state"
 
 
@@ -44,6 +44,7 @@ def prepare(
     target_modules: Any = None,
     upcast: str = "adjacent",
     activations: str = "fp32",
+    frozen_norms: str = "compute",
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict | None = None,
     chunk_bytes: int | None = None,
@@ -64,13 +65,20 @@ def prepare(
             ``peft.LoraConfig`` (its ``layers_to_transform`` and ``modules_to_save`` are honoured). None: the
             PeftModel's adapters, else peft's default targets for the model type.
         upcast: ``"adjacent"`` (default): only the norms whose output feeds an adapted layer go to fp32.
-            ``"norms"``: every norm. ``"none"``: nothing. ``"peft"``: every non-quantized fp16/bf16 parameter,
-            as peft does (embeddings and lm_head included), but chunked. Parameters of ``modules_to_save`` (trained
-            in full) are upcast to fp32 under every policy.
+            ``"norms"``: every norm. ``"none"``: nothing. ``"peft"``: every non-quantized fp16/bf16 parameter is
+            cast to fp32, as peft does (embeddings and lm_head included), but chunked. Parameters of
+            ``modules_to_save`` (trained in full) are cast to fp32 under every policy.
         activations: ``"fp32"`` (default): the upcast norms and the embedding hand fp32 on, so adapted layers
             compute in fp32 as with peft, and a frozen bf16/fp16 ``lm_head`` computes in fp32 block by block without
-            an fp32 copy of its weight: the same loss curve as peft. ``"native"``: the upcast norms hand on the
-            model's dtype: lowest memory (that of no preparation), learns slightly slower in the first steps.
+            an fp32 copy of its weight: the same loss curve as peft. ``"layer"``: fp32 inside each
+            gradient-checkpointed layer (the upcast norms hand fp32 to the adapted layers, attention and MLP compute
+            in fp32), the model's dtype between layers, so the checkpointed layer inputs stay half precision;
+            lm_head as in "fp32". ``"native"``: the upcast norms hand on the model's dtype: lowest memory (that of
+            no preparation), learns slightly slower in the first steps.
+        frozen_norms: how a frozen norm the policy selects gets fp32. ``"compute"`` (default): it computes in fp32
+            at call time from its bf16/fp16 parameters (exact in fp32), which keep their dtype: no new bytes, and
+            nothing that FSDP, a checkpoint or an optimizer sees changes. ``"upcast"``: its parameters are cast to
+            fp32 (version 0.1's behaviour; the same numerics).
         use_gradient_checkpointing: enable transformers' gradient checkpointing (and input gradients where the
             reentrant variant needs them), as peft does.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``).
@@ -82,14 +90,14 @@ def prepare(
         MemoryPressureError: the casts would not fit in the measured free memory (before any change).
     """
     device, use_gradient_checkpointing = _peft_positional_compat(device, use_gradient_checkpointing)
-    check_options(upcast, activations, chunk_bytes, gradient_checkpointing_kwargs)
+    check_options(upcast, activations, frozen_norms, chunk_bytes, gradient_checkpointing_kwargs)
     check_model(model)
     target, move_to = resolve_target(model, device)
     target.backend.reset_peak(target.device)
     before = memory.take(target)
     started = time.perf_counter()
 
-    changes = plan.build(model, upcast, target_modules)
+    changes = plan.build(model, upcast, target_modules, frozen_norms)
     budget, budget_source = chunk_budget(target, before, chunk_bytes)
     chunks = chunked(changes.casts, budget)
     required = required_bytes(chunks) + (_model_bytes(model) if move_to is not None else 0)
@@ -102,6 +110,7 @@ def prepare(
             move_model(model, move_to, transaction)
         freeze_base_weights(model)
         cast_in_chunks(chunks, target, samples, transaction)
+        supersede_previous_overrides(previous, transaction)
         handles, guarded = add_dtype_flow_hooks(model, changes, activations, budget, transaction)
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
@@ -145,11 +154,21 @@ def _peft_positional_compat(device: Any, use_gradient_checkpointing: bool) -> tu
     return device, use_gradient_checkpointing
 
 
-def check_options(upcast: str, activations: str, chunk_bytes: int | None, checkpointing_kwargs: Any) -> None:
+def check_options(
+    upcast: str, activations: str, frozen_norms: str, chunk_bytes: int | None, checkpointing_kwargs: Any
+) -> None:
     if upcast not in plan.POLICIES:
         raise ValueError(f"upcast={upcast!r} is not a policy; use one of {', '.join(map(repr, plan.POLICIES))}")
     if activations not in ACTIVATIONS:
-        raise ValueError(f"activations={activations!r} is not known; use 'fp32' (peft's numerics) or 'native'")
+        raise ValueError(
+            f"activations={activations!r} is not known; use 'fp32' (peft's numerics), 'layer' (fp32 inside each "
+            "checkpointed layer, the model's dtype between layers) or 'native'"
+        )
+    if frozen_norms not in plan.FROZEN_NORMS:
+        raise ValueError(
+            f"frozen_norms={frozen_norms!r} is not known; use 'compute' (fp32 at call time, parameters untouched) "
+            "or 'upcast' (parameters cast to fp32)"
+        )
     if chunk_bytes is not None and (
         isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
     ):
@@ -293,16 +312,33 @@ def add_dtype_flow_hooks(
     model: nn.Module, changes: plan.Plan, activations: str, chunk_bytes: int, transaction: Transaction
 ) -> tuple[list, int]:
     norms = {model.get_submodule(name): dtype for name, dtype in changes.upcast_norms.items()}
+    compute_norms = [model.get_submodule(name) for name in changes.compute_norms]
     skip = plan.adapter_submodules(model) | {id(m) for m in norms}
     consumers = [m for m in model.modules() if id(m) not in skip and is_strict_consumer(m)]
-    handles = install_flow_hooks(norms, consumers, activations, input_embeddings(model), chunk_bytes)
+    blocks = checkpoint_blocks(model) if activations == "layer" else []
+    handles = install_flow_hooks(
+        norms, consumers, activations, input_embeddings(model), chunk_bytes, compute_norms, blocks
+    )
     transaction.on_undo(lambda: remove_all(handles))
     return handles, len(consumers)
 
 
 def remove_all(handles: list) -> None:
-    for handle in handles:
+    """Newest first: an override stacked on another of the same call comes off before the one it wraps."""
+    for handle in reversed(handles):
         handle.remove()
+
+
+def supersede_previous_overrides(previous: PrepState | None, transaction: Transaction) -> None:
+    """This call's instance forwards wrap what the previous call's wrapped, not those (retired after success)."""
+    overrides = [h for h in (previous.hook_handles if previous else []) if isinstance(h, ForwardOverride)]
+
+    def mark(superseded: bool) -> None:
+        for override in overrides:
+            override.superseded = superseded
+
+    mark(True)
+    transaction.on_undo(lambda: mark(False))
 
 
 def enable_gradient_checkpointing(
@@ -332,8 +368,7 @@ def _input_grads_enabled(hf_model: nn.Module) -> bool:
 def retire_previous_hooks(previous: PrepState | None) -> None:
     """The new call's hooks replace the last call's: no duplicates after a repeat."""
     if previous is not None:
-        for handle in previous.hook_handles:
-            handle.remove()
+        remove_all(previous.hook_handles)
 
 
 def finish_on_device(target: Target) -> None:
@@ -376,6 +411,7 @@ def build_report(
         upcast=[c.name for c in changes.casts],
         already_fp32=changes.already_fp32,
         upcast_norms=list(changes.upcast_norms),
+        fp32_compute_norms=list(changes.compute_norms),
         input_guards=guarded,
         skipped_quantized=len(changes.quantized),
         quantizers=quantizers,

@@ -22,6 +22,7 @@ class PrepReport:
     upcast: list[str]  # parameters this call cast to fp32
     already_fp32: list[str]  # planned parameters that were fp32 before this call (e.g. a second prepare())
     upcast_norms: list[str]  # norm modules whose output dtype the flow hooks control
+    fp32_compute_norms: list[str]  # of those, the ones computed in fp32 at call time (parameters not cast)
     input_guards: int  # dtype-strict consumers given an input cast (or, lm_head in "fp32" mode, an fp32 compute)
     skipped_quantized: int
     quantizers: dict[str, int]  # quantizer -> parameter count
@@ -87,7 +88,8 @@ class PrepReport:
         lines = [
             f"portable_kbit.prepare on {self.device} ({self.backend}): policy={self.policy}, "
             f"activations={self.activations}",
-            f"  upcast {len(self.upcast)} parameters ({len(self.upcast_norms)} norms), "
+            f"  upcast {len(self.upcast)} parameters, {len(self.upcast_norms)} norms in fp32 "
+            f"({len(self.fp32_compute_norms)} computed in fp32 at call time), "
             f"{self.skipped_quantized} quantized parameters untouched, {self.input_guards} input casts, "
             f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms",
             f"  allocated {mib(self.allocated_delta)}, reserved {mib(self.reserved_delta)}, "

@@ -498,19 +498,35 @@ def assert_same_state(before: dict, after: dict):
 
 @pytest.mark.parametrize("upcast", ["adjacent", "peft"])
 def test_memory_pressure_refuses_before_any_change(backend, device, monkeypatch, upcast):
+    # frozen_norms="upcast": the adjacent norms' parameters are cast, which needs memory
     model = load_model(backend, device)
     before = model_state(model)
     assert any(grad for _, _, grad, *_ in before["params"].values())  # freezing would show
     monkeypatch.setattr(backends.get(backend), "headroom", lambda device, stats, host_available: 100)
 
     with pytest.raises(portable_kbit.MemoryPressureError) as caught:
-        portable_kbit.prepare(model, backend, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], upcast=upcast)
+        portable_kbit.prepare(
+            model,
+            backend,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            upcast=upcast,
+            frozen_norms="upcast",
+        )
     error = caught.value
     assert error.headroom == 100
     assert error.required > 100
     assert "not changed" in str(error)
     assert_same_state(before, model_state(model))
     assert portable_kbit.report(model) is None
+
+
+def test_the_default_needs_no_memory_even_under_pressure(backend, device, monkeypatch):
+    """The default computes the adjacent norms in fp32 at call time: nothing to allocate, so no headroom is needed."""
+    model = load_model(backend, device)
+    monkeypatch.setattr(backends.get(backend), "headroom", lambda device, stats, host_available: 100)
+    portable_kbit.prepare(model, backend, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    report = portable_kbit.report(model)
+    assert report.required_bytes == 0 and report.upcast == [] and report.fp32_compute_norms
 
 
 def test_memory_pressure_from_measured_host_memory(backend, device, monkeypatch):

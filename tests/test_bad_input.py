@@ -221,7 +221,7 @@ def test_model_loaded_with_a_device_map_on_one_device_is_fine(device):
     model = AutoModelForCausalLM.from_pretrained(
         tiny.checkpoint("llama"), dtype=torch.bfloat16, device_map={"": device}
     )
-    portable_kbit.prepare(model, target_modules=TARGETS)
+    portable_kbit.prepare(model, target_modules=TARGETS, frozen_norms="upcast")
     assert portable_kbit.report(model).upcast
 
 

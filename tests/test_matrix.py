@@ -26,7 +26,7 @@ from portable_kbit.quantized import quantization_kind
 # plus the weight-only quantizers that load through transformers where their package installs.
 EXTRA_QUANTIZERS = ("torchao-int8", "torchao-int4", "hqq-4bit")
 QUANTIZERS = tuple(tiny.QUANTIZERS) + EXTRA_QUANTIZERS
-ACTIVATIONS = ("fp32", "native")
+ACTIVATIONS = ("fp32", "layer", "native")
 
 # what portable_kbit.report() calls each quantizer's weights
 REPORTED = {
@@ -123,17 +123,18 @@ def test_cell(backend, device, arch, quantizer, activations):
     elif not (arch in LINEAR_ONLY_MISSES and quantizer.split("-")[0] in ("quanto", "torchao", "hqq")):
         assert quantized, f"{quantizer} quantized nothing"
     bits = {n: model_state.raw_bytes(p) for n, p in quantized.items()}
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
 
     assert portable_kbit.prepare(model, device, target_modules=targets, activations=activations) is model
     report = portable_kbit.report(model)
     assert report.skipped_quantized == len(quantized)
     assert report.quantizers == ({REPORTED[quantizer]: len(quantized)} if quantized else {})
     assert report.upcast_norms, f"no norm found next to {targets}: {report.notes}"
-    assert not any(name in quantized for name in report.upcast)
-    for norm in report.upcast_norms:
-        assert all(p.dtype == torch.float32 for p in model.get_submodule(norm).parameters(recurse=False)), norm
+    # the default computes the frozen norms in fp32 at call time: no parameter changes dtype
+    assert report.fp32_compute_norms == report.upcast_norms and report.upcast == []
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
 
-    # the flow: an upcast norm hands on fp32 ("fp32") or the model's dtype ("native")
+    # the flow: an upcast norm hands on fp32 ("fp32", "layer") or the model's dtype ("native")
     seen: list[torch.dtype] = []
     probe = model.get_submodule(report.upcast_norms[0]).register_forward_hook(
         lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).dtype)
@@ -160,7 +161,7 @@ def test_cell(backend, device, arch, quantizer, activations):
         optimizer.step()
         optimizer.zero_grad()
     probe.remove()
-    expected = torch.float32 if activations == "fp32" else torch.bfloat16
+    expected = torch.float32 if activations in ("fp32", "layer") else torch.bfloat16
     assert seen and set(seen) == {expected}, (activations, seen)
 
     for name, p in quantized.items():  # never touched: the same bits after prepare() and two training steps

@@ -143,7 +143,8 @@ def train_steps(model, steps: int):
 # ---- what prepare() changes and what it never touches -------------------------------------------------------------
 
 
-def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backend, device):
+@pytest.mark.parametrize("frozen_norms", ["compute", "upcast"])
+def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backend, device, frozen_norms):
     model = load_bnb(backend, device)
     quantized_before = quantized_state(model)
     assert len(quantized_before) == 14  # 7 projections x 2 layers
@@ -152,8 +153,9 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
         name: p.detach().float().clone() for name, p in model.named_parameters() if name not in quantized_before
     }
 
-    returned = portable_kbit.prepare(model, backend, target_modules=TARGETS)
+    returned = portable_kbit.prepare(model, backend, target_modules=TARGETS, frozen_norms=frozen_norms)
     assert returned is model
+    cast = ADJACENT if frozen_norms == "upcast" else []  # "compute": fp32 at call time, no parameter cast
 
     # no quantized weight changed, bit for bit (same object, same bytes, same quant_state fields)
     quantized_after = quantized_state(model)
@@ -168,15 +170,16 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
     # embeddings and lm_head keep bf16: no fp32 copies of frozen weights
     assert params["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert params["lm_head.weight"].dtype == torch.bfloat16
-    # exactly the norms that feed q,k,v (input_layernorm) are fp32; every other norm stays bf16
+    # "upcast": exactly the norms that feed q,k,v (input_layernorm) are fp32; every other norm stays bf16.
+    # "compute": no parameter changes dtype
     for name in ALL_NORMS:
-        expected = torch.float32 if name in ADJACENT else torch.bfloat16
+        expected = torch.float32 if name in cast else torch.bfloat16
         assert params[name].dtype == expected, f"{name}: {params[name].dtype}, expected {expected}"
-    assert fp32_names(model) == set(ADJACENT)
+    assert fp32_names(model) == set(cast)
     # the upcast is exact and nothing else changed dtype or value
     for name, value in values_before.items():
         assert torch.equal(params[name].detach().float(), value), f"{name} changed value"
-        if name not in ADJACENT:
+        if name not in cast:
             assert params[name].dtype == dtypes_before[name]
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -184,13 +187,16 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
     assert report is not None
     assert report.backend == backend
     assert report.policy == "adjacent" and report.activations == "fp32"
-    assert sorted(report.upcast) == sorted(ADJACENT)
+    assert sorted(report.upcast) == sorted(cast)
     assert sorted(report.upcast_norms) == sorted(n.rsplit(".", 1)[0] for n in ADJACENT)
+    assert report.fp32_compute_norms == (report.upcast_norms if frozen_norms == "compute" else [])
     assert report.skipped_quantized == len(params4bit(model))
     assert report.quantizers == {"bitsandbytes-4bit": len(params4bit(model))}
     assert report.gradient_checkpointing is True
-    assert report.chunks >= 1 and report.chunk_bytes > 0
-    assert report.required_bytes > 0
+    assert report.chunk_bytes > 0
+    assert (
+        (report.chunks >= 1 and report.required_bytes > 0) if cast else (report.chunks == report.required_bytes == 0)
+    )
     for snap in (report.before, report.after, report.peak):
         assert snap.backend == backend
         assert snap.process_rss > 0
@@ -237,7 +243,8 @@ def test_quanto_int4_peft_fails_ours_trains(backend, device):
     report = portable_kbit.report(model)
     assert report.skipped_quantized == len(qtensors)
     assert report.quantizers == {"optimum-quanto": len(qtensors)}
-    assert sorted(report.upcast) == sorted(ADJACENT)
+    assert sorted(report.fp32_compute_norms) == sorted(n.rsplit(".", 1)[0] for n in ADJACENT)
+    assert report.upcast == []
     for name, p in model.named_parameters():
         if name in qtensors:
             assert p is qtensors[name]
@@ -301,11 +308,15 @@ def test_policy_none_upcasts_nothing(backend, device):
     assert portable_kbit.report(model).policy == "none"
 
 
-def test_policy_norms_upcasts_every_norm(backend, device):
+@pytest.mark.parametrize("frozen_norms", ["compute", "upcast"])
+def test_policy_norms_upcasts_every_norm(backend, device, frozen_norms):
     model = load_bnb(backend, device)
-    portable_kbit.prepare(model, backend, target_modules=TARGETS, upcast="norms")
-    assert fp32_names(model) == set(ALL_NORMS)
-    assert sorted(portable_kbit.report(model).upcast) == sorted(ALL_NORMS)
+    portable_kbit.prepare(model, backend, target_modules=TARGETS, upcast="norms", frozen_norms=frozen_norms)
+    report = portable_kbit.report(model)
+    assert sorted(report.upcast_norms) == sorted(n.rsplit(".", 1)[0] for n in ALL_NORMS)
+    cast = ALL_NORMS if frozen_norms == "upcast" else []
+    assert fp32_names(model) == set(cast)
+    assert sorted(report.upcast) == sorted(cast)
 
 
 def test_policy_peft_upcasts_what_peft_upcasts(backend, device):
@@ -322,16 +333,18 @@ def test_policy_peft_upcasts_what_peft_upcasts(backend, device):
 
 
 @pytest.mark.parametrize("policy", ["adjacent", "norms", "none", "peft"])
-def test_modules_to_save_upcast_under_every_policy(backend, device, policy):
+@pytest.mark.parametrize("frozen_norms", ["compute", "upcast"])
+def test_modules_to_save_upcast_under_every_policy(backend, device, policy, frozen_norms):
     model = load_bnb(backend, device)
     config = LoraConfig(target_modules=TARGETS, modules_to_save=["lm_head"])
-    portable_kbit.prepare(model, backend, target_modules=config, upcast=policy)
+    portable_kbit.prepare(model, backend, target_modules=config, upcast=policy, frozen_norms=frozen_norms)
     upcast = set(portable_kbit.report(model).upcast)
-    assert model.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32  # trained in full: real fp32 storage under every mode
     assert "lm_head.weight" in upcast
+    cast_norms = frozen_norms == "upcast"
     expected = {
-        "adjacent": set(ADJACENT) | {"lm_head.weight"},
-        "norms": set(ALL_NORMS) | {"lm_head.weight"},
+        "adjacent": (set(ADJACENT) if cast_norms else set()) | {"lm_head.weight"},
+        "norms": (set(ALL_NORMS) if cast_norms else set()) | {"lm_head.weight"},
         "none": {"lm_head.weight"},
         "peft": None,  # checked against peft in test_policy_peft_upcasts_what_peft_upcasts
     }[policy]
@@ -347,10 +360,12 @@ def test_modules_to_save_upcast_under_every_policy(backend, device, policy):
 # ---- the dtype that flows out of upcast norms -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activations, expected", [("native", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "activations, expected", [("native", torch.bfloat16), ("fp32", torch.float32), ("layer", torch.float32)]
+)
 def test_activations_set_upcast_norm_output_dtype(backend, device, activations, expected):
     model = load_bnb(backend, device)
-    portable_kbit.prepare(model, backend, target_modules=TARGETS, activations=activations)
+    portable_kbit.prepare(model, backend, target_modules=TARGETS, activations=activations, frozen_norms="upcast")
     seen: dict[str, torch.dtype] = {}
     handles = []
     for name in ADJACENT:

@@ -54,14 +54,32 @@ def logits(model, device) -> torch.Tensor:
 # ---- twice ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("upcast", ["adjacent", "peft"])
+def override_depths(model) -> dict[str, int]:
+    """How many of our instance forwards wrap each other on each module (a repeat must not stack them)."""
+    from portable_kbit.flow import ForwardOverride
+
+    depths = {}
+    for name, module in model.named_modules():
+        depth, forward = 0, module.__dict__.get("forward")
+        while isinstance(getattr(forward, "override", None), ForwardOverride):
+            depth, forward = depth + 1, forward.override.previous
+        if depth:
+            depths[name] = depth
+    return depths
+
+
+@pytest.mark.parametrize("upcast,frozen_norms", [("adjacent", "compute"), ("adjacent", "upcast"), ("peft", "compute")])
 @pytest.mark.parametrize("arch,quantizer", CASES, ids=IDS)
-def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast):
+def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast, frozen_norms):
     model = load(arch, quantizer, backend, device)
-    kwargs = dict(target_modules=tiny.LORA_TARGETS[arch], upcast=upcast)
+    kwargs = dict(target_modules=tiny.LORA_TARGETS[arch], upcast=upcast, frozen_norms=frozen_norms)
     portable_kbit.prepare(model, **kwargs)
     first = portable_kbit.report(model)
-    assert first.changed_anything
+    casts = upcast == "peft" or frozen_norms == "upcast"
+    assert first.changed_anything == casts
+    assert bool(first.fp32_compute_norms) == (not casts)
+    depths = override_depths(model)
+    assert set(depths.values()) <= {1} and all(depths.get(n) == 1 for n in first.fp32_compute_norms)
     state, hooks = model_state.take(model), hooks_per_module(model)
     require_grads_hook = model.__dict__.get("_require_grads_hooks") or model.__dict__.get("_require_grads_hook")
 
@@ -69,11 +87,13 @@ def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast):
     second = portable_kbit.report(model)
     assert second is not first
     assert second.upcast == [] and not second.changed_anything, "a second upcast"
-    if upcast == "adjacent":  # the same norms are planned again, and found fp32 already
+    if upcast == "adjacent":  # the same norms are planned again, and found fp32 already (or computed in fp32)
         assert sorted(second.already_fp32) == sorted(first.upcast + first.already_fp32)
     else:  # "peft" plans the fp16/bf16 parameters: there are none left
         assert second.already_fp32 == first.already_fp32
     assert second.upcast_norms == first.upcast_norms
+    assert second.fp32_compute_norms == first.fp32_compute_norms
+    assert override_depths(model) == depths, "stacked (or lost) instance forwards"
     assert second.input_guards == first.input_guards
     assert "upcast 0 parameters" in second.summary()
     assert hooks_per_module(model) == hooks, "duplicate (or lost) hooks"
@@ -113,10 +133,11 @@ def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast):
 def test_second_call_with_another_policy_adds_only_the_difference(backend, device):
     arch = "llama"
     model = load(arch, "quanto-int4", backend, device)
-    portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], upcast="adjacent")
+    options = dict(target_modules=tiny.LORA_TARGETS[arch], frozen_norms="upcast")
+    portable_kbit.prepare(model, upcast="adjacent", **options)
     first = portable_kbit.report(model)
     hooks = sum(hooks_per_module(model).values())
-    portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], upcast="norms")
+    portable_kbit.prepare(model, upcast="norms", **options)
     second = portable_kbit.report(model)
     assert set(second.already_fp32) == set(first.upcast)
     assert second.upcast and not set(second.upcast) & set(first.upcast)
@@ -136,13 +157,16 @@ def test_second_call_switching_activations_replaces_the_flow_hooks(backend, devi
     norm = model.model.layers[0].input_layernorm
     x = tiny.batch(256, 8, 0, device)
     hooks_by_mode: dict = {}
-    for activations, expected in (("fp32", torch.float32), ("native", torch.bfloat16), ("fp32", torch.float32)):
+    modes = (("fp32", torch.float32), ("native", torch.bfloat16), ("layer", torch.float32), ("fp32", torch.float32))
+    for activations, expected in modes:
         portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], activations=activations)
-        assert norm.weight.dtype == torch.float32
+        assert norm.weight.dtype == torch.bfloat16  # computed in fp32 at call time, in both modes
         # The modes install different hooks (fp32 also casts the embedding output up and computes lm_head in fp32
         # through an instance forward); a repeat of a mode installs exactly what its first call did: no duplicates.
         assert hooks_by_mode.setdefault(activations, hooks_per_module(model)) == hooks_per_module(model)
-        assert ("forward" in model.lm_head.__dict__) == (activations == "fp32")
+        assert ("forward" in model.lm_head.__dict__) == (activations in ("fp32", "layer"))
+        assert override_depths(model).get("lm_head", 0) == (activations in ("fp32", "layer"))
+        assert override_depths(model)["model.layers.0.input_layernorm"] == 1
         seen = []
         probe = norm.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))  # after the flow hooks
         with torch.no_grad():

@@ -352,7 +352,9 @@ def test_memory_pressure_error_names_the_way_out(monkeypatch):
     model = tiny.load(tiny.checkpoint("llama"), "quanto-int4", "cpu")
     with_headroom(monkeypatch, 256)  # two fp32 norms of 128 need more
     with pytest.raises(portable_kbit.MemoryPressureError) as raised:
-        portable_kbit.prepare(model, "cpu", upcast="adjacent", target_modules=tiny.LORA_TARGETS["llama"])
+        portable_kbit.prepare(
+            model, "cpu", upcast="adjacent", frozen_norms="upcast", target_modules=tiny.LORA_TARGETS["llama"]
+        )
     message = str(raised.value)
-    assert "upcast='none'" in message and "chunk_bytes" in message
+    assert "frozen_norms='compute'" in message and "upcast='none'" in message and "chunk_bytes" in message
     assert isinstance(raised.value, RuntimeError)
