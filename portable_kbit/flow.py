@@ -216,14 +216,14 @@ def parameters_in_fp32(module: nn.Module, names: Sequence[str]) -> Iterator[None
     """For the duration of one call, the module's half-precision tensors `names` read as fp32 copies.
 
     A bf16/fp16 value is exact in fp32, so the norm computes exactly as with an fp32 parameter, without one: no new
-    bytes between calls and no dtype change that a wrapper (FSDP), a checkpoint or an optimizer can see. Parameters
-    are swapped in `_parameters`; FSDP1 without use_orig_params sets plain tensor views as attributes during forward,
-    which are swapped in `__dict__`.
+    bytes between calls and no dtype change that a wrapper (FSDP), a checkpoint or an optimizer can see. Each name is
+    swapped where attribute lookup finds it: the instance `__dict__` first (FSDP1 sets the unsharded views there
+    during forward, keeping the sharded parameter in `_parameters`), else `_parameters`.
     """
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     try:
         for name in names:
-            stores: tuple[dict[str, Any], ...] = (module._parameters, module.__dict__)
+            stores: tuple[dict[str, Any], ...] = (module.__dict__, module._parameters)
             for store in stores:
                 value = store.get(name)
                 if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:

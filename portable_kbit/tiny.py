@@ -109,7 +109,10 @@ def checkpoint(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: i
     return path
 
 
-def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloat16) -> Any | None:
+def quantization_config(
+    quantizer: str, compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype | None = None
+) -> Any | None:
+    """`quant_storage`: the dtype bitsandbytes packs 4-bit weights into (bf16 to shard them with FSDP); default uint8."""
     from transformers import BitsAndBytesConfig, QuantoConfig
 
     if quantizer in ("bnb-nf4", "bnb-fp4"):
@@ -118,6 +121,7 @@ def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloa
             bnb_4bit_quant_type=quantizer.split("-")[1],
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,
         )
     if quantizer == "bnb-8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -128,12 +132,12 @@ def quantization_config(quantizer: str, compute_dtype: torch.dtype = torch.bfloa
     raise ValueError(f"unknown quantizer {quantizer!r}; known: {', '.join(QUANTIZERS)}")
 
 
-def load(path: str, quantizer: str = "bnb-nf4", device: str = "cpu") -> Any:
+def load(path: str, quantizer: str = "bnb-nf4", device: str = "cpu", quant_storage: torch.dtype | None = None) -> Any:
     """Load a saved checkpoint through the real quantizer onto `device` (bitsandbytes quantizes while loading)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
-    config = quantization_config(quantizer)
+    config = quantization_config(quantizer, quant_storage=quant_storage)
     if config is not None:
         kwargs["quantization_config"] = config
     if device != "cpu" or quantizer.startswith("bnb-"):  # without a device_map bitsandbytes picks the GPU itself

@@ -1,0 +1,68 @@
+"""prepare() with its defaults, then FSDP1 and FSDP2 on two CPU processes (gloo): the model wraps and trains, and the
+losses match the same model trained in one process.
+
+FSDP1 flattens each unit into one tensor and refuses mixed dtypes (an fp32 norm in a bf16 decoder layer): with the
+default frozen_norms="compute" no parameter changes dtype, so it wraps. FSDP2 with a bf16 MixedPrecisionPolicy would
+cast an fp32 norm weight back to bf16 in forward without a word; computed in fp32 at call time, the norm keeps its
+fp32 numerics. bitsandbytes 4-bit weights are packed into bf16 storage (bnb_4bit_quant_storage) to be sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from portable_kbit import tiny
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[dict]:
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    out = tmp_path_factory.mktemp("fsdp") / "records.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(WORKER), tiny.checkpoint("llama"), str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), *sys.path]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def by_case(records: list[dict]) -> dict[tuple, dict]:
+    return {(r["activations"], r["wrap"], r["modules_to_save"]): r for r in records}
+
+
+def test_every_case_ran_and_prepare_changed_no_dtype(records):
+    from fsdp_worker import CASES
+
+    assert sorted(by_case(records)) == sorted(CASES)
+    for record in records:
+        assert record["dtypes_unchanged_by_prepare"], record
+        assert all(torch.isfinite(torch.tensor(record["losses"]))), record
+        assert record["losses"][-1] < record["losses"][0], record  # it learns
+
+
+@pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
+@pytest.mark.parametrize("wrap", ["fsdp1-orig-params", "fsdp1-flat-params", "fsdp2", "fsdp2-bf16"])
+def test_sharded_losses_match_one_process(records, activations, wrap):
+    cases = by_case(records)
+    sharded, single = cases[(activations, wrap, False)], cases[(activations, "none", False)]
+    for step, (a, b) in enumerate(zip(sharded["losses"], single["losses"], strict=True), start=1):
+        assert abs(a - b) < 1e-3, f"{wrap} {activations} step {step}: {a:.6f} vs one process {b:.6f}"
+    if wrap.startswith("fsdp2"):
+        assert sharded["packed_weights_unchanged"] is True  # no NaN canonicalization of the packed 4-bit bytes
+
+
+def test_modules_to_save_trains_under_fsdp2(records):
+    cases = by_case(records)
+    sharded, single = cases[("fp32", "fsdp2", True)], cases[("fp32", "none", True)]
+    for a, b in zip(sharded["losses"], single["losses"], strict=True):
+        assert abs(a - b) < 1e-3, (sharded["losses"], single["losses"])
