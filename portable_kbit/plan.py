@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from .index import ModelIndex, as_index
 from .models import hf_model, input_embeddings, is_peft_model, weight_of
-from .quantized import quantization_kind
 
 POLICIES = ("adjacent", "norms", "none", "peft")
 #: how a frozen norm the policy selects gets fp32: computed in fp32 at call time (its parameters keep their dtype), or
@@ -70,6 +71,7 @@ class Plan:
     quantized: dict[str, str]  # parameter name -> quantizer
     already_fp32: list[str]
     notes: list[str]
+    trace_seconds: float = 0.0  # of the planning, the trace forward that found the adjacent norms
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -86,8 +88,8 @@ def is_norm(module: nn.Module) -> bool:
     return bool(params) and all(p.dim() == 1 for p in params)
 
 
-def norm_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if name and is_norm(module)]
+def norm_names(model: nn.Module | ModelIndex) -> list[str]:
+    return [name for name, module in as_index(model).modules.items() if name and is_norm(module)]
 
 
 # ---- where adapters go ---------------------------------------------------------------------------------------
@@ -99,18 +101,18 @@ def _peft() -> Any:
     return peft
 
 
-def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+def tuner_layers(model: nn.Module | ModelIndex) -> dict[str, nn.Module]:
     """Modules that carry an adapter, by peft's own base class."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in as_index(model).modules.items():
         if isinstance(module, BaseTunerLayer):  # peft's class is a mixin: mypy narrows to it, away from nn.Module
             layers[name] = cast(nn.Module, module)
     return layers
 
 
-def adapter_submodules(model: nn.Module) -> set[int]:
+def adapter_submodules(model: nn.Module | ModelIndex) -> set[int]:
     """ids of the adapters' own modules (lora_A, lora_B ...): peft casts their inputs itself."""
     ids: set[int] = set()
     for layer in tuner_layers(model).values():
@@ -121,10 +123,10 @@ def adapter_submodules(model: nn.Module) -> set[int]:
     return ids
 
 
-def modules_to_save_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+def modules_to_save_wrappers(model: nn.Module | ModelIndex) -> dict[str, nn.Module]:
     from peft.utils.other import ModulesToSaveWrapper
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    return {name: m for name, m in as_index(model).modules.items() if isinstance(m, ModulesToSaveWrapper)}
 
 
 def _lora_config(target_modules: Any, model: nn.Module):
@@ -164,13 +166,14 @@ def _matches_modules_to_save(name: str, modules_to_save: Iterable[str]) -> bool:
     return any(name == key or name.endswith("." + key) for key in modules_to_save)
 
 
-def adapter_spec(model: nn.Module, target_modules: Any) -> AdapterSpec | None:
+def adapter_spec(model: nn.Module, target_modules: Any, index: ModelIndex | None = None) -> AdapterSpec | None:
     """The adapted modules. None when nothing says where adapters go (no PeftModel, no targets, no peft default)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    index = index or ModelIndex(model)
     if is_peft_model(model):
-        adapted = sorted(tuner_layers(model))
-        to_save = sorted(modules_to_save_wrappers(model))
+        adapted = sorted(tuner_layers(index))
+        to_save = sorted(modules_to_save_wrappers(index))
         if target_modules is not None:
             _check_consistent(model, adapted, target_modules)
         return AdapterSpec(adapted, to_save, "PeftModel")
@@ -178,15 +181,15 @@ def adapter_spec(model: nn.Module, target_modules: Any) -> AdapterSpec | None:
     config = _lora_config(target_modules, model)
     if config is None:
         return None
-    candidates = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-    adapted = [n for n, m in candidates if check_target_module_exists(config, n)]
+    candidates = list(index.leaves())
+    adapted = [n for n in candidates if check_target_module_exists(config, n)]
     if not adapted:
-        message = _nothing_matched_message(config.target_modules, [n for n, _ in candidates])
+        message = _nothing_matched_message(config.target_modules, candidates)
         layers = getattr(config, "layers_to_transform", None)
         if layers is not None:  # the names may match, but not in the layers asked for
             message += f" Note layers_to_transform={layers!r}: it may select no layer that exists here."
         raise ValueError(message)
-    to_save = [n for n, _ in model.named_modules() if n and _matches_modules_to_save(n, config.modules_to_save or ())]
+    to_save = [n for n in index.modules if n and _matches_modules_to_save(n, config.modules_to_save or ())]
     source = "peft defaults for model_type" if target_modules is None else "target_modules"
     return AdapterSpec(adapted, to_save, source, config)
 
@@ -266,37 +269,41 @@ def _shape_only_forward(module: nn.Module):
     return None
 
 
-def _stub_weighted_modules(model: nn.Module) -> list[nn.Module]:
-    """Replace the forward of every weight-holding layer (and peft's adapter wrappers) by a shape-only stand-in."""
+def _stub_weighted_modules(modules: dict[str, nn.Module], stubbed: dict[nn.Module, Any]) -> None:
+    """Replace the forward of every weight-holding layer (and peft's adapter wrappers) by a shape-only stand-in;
+    `stubbed` records each module's instance forward before (None: none), for the caller to put back."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    stubbed = []
-    for module in model.modules():
+    for module in modules.values():
         is_leaf_with_weights = not module._modules and any(p is not None for p in module._parameters.values())
         if not (is_leaf_with_weights or isinstance(module, BaseTunerLayer)):
             continue
         stand_in = _shape_only_forward(module)
         if stand_in is None:
             raise _CannotTraceOnMeta(f"no shape rule for {type(module).__name__}")
+        stubbed[module] = module.__dict__.get("forward")
         module.__dict__["forward"] = stand_in
-        stubbed.append(module)
-    return stubbed
 
 
 class _CannotTraceOnMeta(Exception):
     pass
 
 
-def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> dict[str, str | None]:
+def trace_feeding_norms(
+    model: nn.Module, adapted: list[str], norms: list[str], index: ModelIndex | None = None
+) -> dict[str, str | None]:
     """For each adapted module pattern (layer indices as *), the norm pattern whose output is its input, if any.
 
     First on the meta device, with every weight-holding layer replaced by a shape-only stand-in: no kernel runs and
     no memory is taken (a real first forward would initialise cuBLAS: +32 MiB and seconds on a fresh CUDA process).
     If the architecture's forward cannot run on meta tensors, a real two-token forward without grad does the trace.
     """
-    for inputs in ("meta with a 4-D mask", "meta"):
+    index = index or ModelIndex(model)
+    # First only the layers the trace can reach before it has seen every adapted pattern (usually the first layer);
+    # a wrong guess fails on a real weight meeting a meta tensor, and the whole model is stubbed next.
+    for inputs, reach in (("meta with a 4-D mask", "first"), ("meta with a 4-D mask", "all"), ("meta", "all")):
         try:
-            return _trace(model, adapted, norms, inputs)
+            return _trace(model, adapted, norms, inputs, index, reach)
         except (
             _CannotTraceOnMeta,
             RuntimeError,
@@ -307,11 +314,42 @@ def trace_feeding_norms(model: nn.Module, adapted: list[str], norms: list[str]) 
             IndexError,
         ):
             continue
-    return _trace(model, adapted, norms, "real")
+    return _trace(model, adapted, norms, "real", index, "all")
 
 
-def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: str) -> dict[str, str | None]:
-    modules = dict(model.named_modules())
+def _first_of_each_pattern(adapted: list[str]) -> list[str]:
+    """The adapted module with the lowest layer indices of each pattern: the one the trace meets first."""
+    first: dict[str, str] = {}
+    for name in adapted:
+        key = [int(i) for i in LAYER_INDEX.findall(name)]
+        pattern = layer_pattern(name)
+        if pattern not in first or key < [int(i) for i in LAYER_INDEX.findall(first[pattern])]:
+            first[pattern] = name
+    return list(first.values())
+
+
+def _reachable(modules: dict[str, nn.Module], firsts: list[str]) -> dict[str, nn.Module]:
+    """The modules a forward can run before it reaches each of `firsts`: those outside numbered layer stacks, and
+    in each stack (the name up to its first index) the layers up to the highest index among `firsts` there."""
+    bound: dict[str, int] = {}
+    for name in firsts:
+        match = LAYER_INDEX.search(name)
+        if match is not None:
+            stack = name[: match.start()]
+            bound[stack] = max(bound.get(stack, -1), int(match.group(1)))
+    reachable = {}
+    for name, module in modules.items():
+        match = LAYER_INDEX.search(name)
+        if match is None or name[: match.start()] not in bound or int(match.group(1)) <= bound[name[: match.start()]]:
+            reachable[name] = module
+    return reachable
+
+
+def _trace(
+    model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: str, index: ModelIndex, reach: str
+) -> dict[str, str | None]:
+    firsts = _first_of_each_pattern(adapted)
+    modules = _reachable(index.modules, firsts) if reach == "first" else index.modules
     wanted = {layer_pattern(n) for n in adapted}
     feeding: dict[str, str | None] = {}
     norm_outputs: dict[int, str] = {}  # id of a norm's output tensor -> norm name
@@ -348,12 +386,13 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
         return hook
 
     runner = hf_model(model)
-    was_training = {m: m.training for m in model.modules()}
-    stubbed: list[nn.Module] = []
+    was_training = {m: m.training for m in index.modules.values()}
+    stubbed: dict[nn.Module, Any] = {}
     try:
         for name in norms:
-            handles.append(modules[name].register_forward_hook(on_norm(name)))
-        for name in adapted:
+            if name in modules:
+                handles.append(modules[name].register_forward_hook(on_norm(name)))
+        for name in firsts:
             # prepend: see the input before hooks of an earlier prepare() (a dtype guard) replace it with a cast copy
             handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True, prepend=True))
         # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
@@ -362,7 +401,7 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
         if inputs_kind == "real":
             inputs = _trace_input(runner)
         else:
-            stubbed = _stub_weighted_modules(model)
+            _stub_weighted_modules(modules, stubbed)
             inputs = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device="meta")}
             if inputs_kind == "meta with a 4-D mask":
                 # Some mask builders inspect values (impossible on meta); a ready 4-D mask is passed through instead.
@@ -373,8 +412,11 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
             except _TraceDone:
                 pass
     finally:
-        for module in stubbed:
-            module.__dict__.pop("forward", None)
+        for module, forward in stubbed.items():
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
         for handle in handles:
             handle.remove()
         for module, training in was_training.items():
@@ -382,9 +424,11 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
     return feeding
 
 
-def adjacent_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> tuple[list[str], list[str]]:
+def adjacent_norms(
+    model: nn.Module, adapted: list[str], norms: list[str], index: ModelIndex | None = None
+) -> tuple[list[str], list[str]]:
     """Concrete norm names that feed the adapted modules, and notes on what could not be placed."""
-    feeding = trace_feeding_norms(model, adapted, norms)
+    feeding = trace_feeding_norms(model, adapted, norms, index)
     norm_set = set(norms)
     found: list[str] = []
     notes: list[str] = []
@@ -404,9 +448,12 @@ def adjacent_norms(model: nn.Module, adapted: list[str], norms: list[str]) -> tu
 # ---- the plan --------------------------------------------------------------------------------------------------
 
 
-def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str = "compute") -> Plan:
+def build(
+    model: nn.Module, policy: str, target_modules: Any, frozen_norms: str = "compute", index: ModelIndex | None = None
+) -> Plan:
     """Work out every change prepare() will make, without making any."""
-    quantized = {name: kind for name, p in model.named_parameters() if (kind := quantization_kind(p)) is not None}
+    index = index or ModelIndex(model)
+    quantized = index.quantized
     notes: list[str] = []
     unknown = sorted({kind for kind in quantized.values() if kind.startswith("unknown")})
     if unknown:
@@ -414,9 +461,10 @@ def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str 
 
     # Other policies need adapters only for modules_to_save: peft's defaults add nothing there.
     needs_spec = policy == "adjacent" or target_modules is not None or is_peft_model(model)
-    spec = adapter_spec(model, target_modules) if needs_spec else None
-    norms = norm_names(model)
+    spec = adapter_spec(model, target_modules, index) if needs_spec else None
+    norms = norm_names(index)
     upcast_norms: list[str] = []
+    trace_seconds = 0.0
     if policy == "norms":
         upcast_norms = norms
     elif policy == "adjacent":
@@ -429,7 +477,9 @@ def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str 
             upcast_norms = norms
         else:
             try:
-                upcast_norms, trace_notes = adjacent_norms(model, spec.adapted, norms)
+                started = time.perf_counter()
+                upcast_norms, trace_notes = adjacent_norms(model, spec.adapted, norms, index)
+                trace_seconds = time.perf_counter() - started
                 notes += trace_notes
             except Exception as error:  # a model whose forward we cannot trace: refuse to guess small
                 notes.append(f"trace forward failed ({type(error).__name__}: {error}); every norm upcast instead")
@@ -437,26 +487,28 @@ def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str 
 
     names_to_cast: dict[str, None] = {}
     if policy == "peft":
-        for name, p in model.named_parameters():
+        for name, p in index.parameters.items():
             if name not in quantized and p.dtype in HALF_DTYPES:
                 names_to_cast[name] = None
-    modules = dict(model.named_modules())
-    trained_in_full = _modules_to_save_targets(model, spec)
+    modules = index.modules
+    trained_in_full = _modules_to_save_targets(index, spec)
     compute_norms: list[str] = []
     for norm in upcast_norms:
         if frozen_norms == "compute" and not any(norm == m or norm.startswith(m + ".") for m in trained_in_full):
             compute_norms.append(norm)
             continue
-        for attr, _ in modules[norm].named_parameters(recurse=False):
-            names_to_cast[f"{norm}.{attr}"] = None
+        for attr, value in modules[norm]._parameters.items():
+            if value is not None:
+                names_to_cast[f"{norm}.{attr}"] = None
     for module_name in trained_in_full:
-        for attr, _ in modules[module_name].named_parameters():
-            names_to_cast[f"{module_name}.{attr}"] = None
+        for name in index.parameter_names:
+            if name.startswith(module_name + "."):
+                names_to_cast[name] = None
 
     casts: list[ParamCast] = []
     already: list[str] = []
     seen: set[int] = set()
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = index.parameter_names
     for name in names_to_cast:
         p = params[name]
         if id(p) in seen or name in quantized:
@@ -472,30 +524,31 @@ def build(model: nn.Module, policy: str, target_modules: Any, frozen_norms: str 
         casts.append(ParamCast(name, module, attr, p.dtype, torch.float32, p.numel(), p.device))
 
     cast_dtype_by_module = {id(c.module): c.old_dtype for c in casts}
+    native = _model_dtype(index)
     norm_dtypes = {}
     for norm in upcast_norms:
         module = modules[norm]
-        original = cast_dtype_by_module.get(id(module))
-        norm_dtypes[norm] = original or _model_dtype(model, list(module.parameters(recurse=False)))
-    return Plan(policy, casts, norm_dtypes, compute_norms, spec, quantized, already, notes)
+        own = [p for p in module._parameters.values() if p is not None]
+        norm_dtypes[norm] = cast_dtype_by_module.get(id(module)) or native or (own[0].dtype if own else torch.float32)
+    return Plan(policy, casts, norm_dtypes, compute_norms, spec, quantized, already, notes, trace_seconds)
 
 
-def _modules_to_save_targets(model: nn.Module, spec: AdapterSpec | None) -> list[str]:
+def _modules_to_save_targets(index: ModelIndex, spec: AdapterSpec | None) -> list[str]:
     """Modules trained in full: the trainable copies of a PeftModel, or what the LoraConfig names."""
     if spec is None:
         return []
     if spec.source == "PeftModel":
         names = []
-        for wrapper_name, wrapper in modules_to_save_wrappers(model).items():
+        for wrapper_name, wrapper in modules_to_save_wrappers(index).items():
             for adapter in getattr(wrapper, "modules_to_save", {}):
                 names.append(f"{wrapper_name}.modules_to_save.{adapter}")
         return names
     return spec.modules_to_save
 
 
-def _model_dtype(model: nn.Module, fallback_params: list[nn.Parameter]) -> torch.dtype:
-    """The dtype activations flow in natively: the first half-precision unquantized weight, else the norm's own."""
-    for p in model.parameters():
-        if p.dtype in HALF_DTYPES and quantization_kind(p) is None:
+def _model_dtype(index: ModelIndex) -> torch.dtype | None:
+    """The dtype activations flow in natively: that of the first half-precision unquantized weight (None: none)."""
+    for name, p in index.parameters.items():
+        if p.dtype in HALF_DTYPES and name not in index.quantized:
             return p.dtype
-    return fallback_params[0].dtype if fallback_params else torch.float32
+    return None

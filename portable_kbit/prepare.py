@@ -18,9 +18,9 @@ from .cast import CastJournal, chunked, required_bytes
 from .errors import MemoryPressureError
 from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer
 from .flow import install as install_flow_hooks
+from .index import ModelIndex
 from .memory import MemorySnapshot
 from .models import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
-from .quantized import quantization_kind
 from .report import PrepReport
 from .transaction import Transaction
 
@@ -91,13 +91,13 @@ def prepare(
     """
     device, use_gradient_checkpointing = _peft_positional_compat(device, use_gradient_checkpointing)
     check_options(upcast, activations, frozen_norms, chunk_bytes, gradient_checkpointing_kwargs)
-    check_model(model)
-    target, move_to = resolve_target(model, device)
+    index = check_model(model)
+    target, move_to = resolve_target(index, device)
     target.backend.reset_peak(target.device)
     before = memory.take(target)
     started = time.perf_counter()
 
-    changes = plan.build(model, upcast, target_modules, frozen_norms)
+    changes = plan.build(model, upcast, target_modules, frozen_norms, index)
     budget, budget_source = chunk_budget(target, before, chunk_bytes)
     chunks = chunked(changes.casts, budget)
     required = required_bytes(chunks) + (_model_bytes(model) if move_to is not None else 0)
@@ -105,13 +105,13 @@ def prepare(
 
     previous = getattr(model, STATE_ATTRIBUTE, None)
     samples: list[MemorySnapshot] = []
-    with Transaction(model) as transaction:
+    with Transaction(model, index) as transaction:
         if move_to is not None:
-            move_model(model, move_to, transaction)
-        freeze_base_weights(model)
+            move_model(model, index.devices[0], move_to, transaction)
+        freeze_base_weights(model, index)
         cast_in_chunks(chunks, target, samples, transaction)
         supersede_previous_overrides(previous, transaction)
-        handles, guarded = add_dtype_flow_hooks(model, changes, activations, budget, transaction)
+        handles, guarded = add_dtype_flow_hooks(model, index, changes, activations, budget, transaction)
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
@@ -181,15 +181,17 @@ def check_options(
         )
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any) -> ModelIndex:
+    """The model's index, once it is known to be a model prepare() can work on."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"prepare() takes a torch.nn.Module (a transformers model or a PeftModel), not {type(model).__name__}"
         )
-    if next(model.parameters(), None) is None:
+    index = ModelIndex(model)
+    if not index.parameters:
         raise ValueError("the model has no parameters: nothing to prepare")
     with torch._C.DisableTorchFunctionSubclass():  # quantized subclasses dispatch every attribute read otherwise
-        meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+        meta = [name for name, p in index.parameters.items() if p.device.type == "meta"]
     device_map = getattr(model, "hf_device_map", None) or {}
     offloaded = (
         sorted({str(d) for d in device_map.values()} & {"disk", "meta"}) if isinstance(device_map, dict) else []
@@ -205,22 +207,12 @@ def check_model(model: Any) -> None:
             f"{len(meta)} parameters are on the meta device (e.g. {meta[0]}): the weights were never loaded. "
             "Load the model with from_pretrained(...) onto a real device before prepare()."
         )
+    return index
 
 
-def model_devices(model: nn.Module) -> list[torch.device]:
-    seen: dict[torch.device, None] = {}
-    # Quantized tensor subclasses route every attribute read through __torch_function__: skip it, we only read .device
-    # Parameters only: optimum-quanto keeps each QLinear's activation-scale buffers on the CPU of a GPU/MPS model,
-    # which would read as a CPU-offloaded model and refuse every quanto model on an accelerator.
-    with torch._C.DisableTorchFunctionSubclass():
-        for tensor in model.parameters():
-            seen[tensor.device] = None
-    return list(seen)
-
-
-def resolve_target(model: nn.Module, device: Any) -> tuple[Target, torch.device | None]:
+def resolve_target(index: ModelIndex, device: Any) -> tuple[Target, torch.device | None]:
     """The backend and device to prepare on, and the device to move a CPU model to (None: no move)."""
-    devices = model_devices(model)
+    devices = index.devices
     kinds = sorted({d.type for d in devices})
     if len(kinds) > 1:
         raise ValueError(
@@ -241,8 +233,7 @@ def resolve_target(model: nn.Module, device: Any) -> tuple[Target, torch.device 
             )
         return Target(target.backend, model_device), None
     if model_device.type == "cpu":
-        quantizers = {k for k in (quantization_kind(p) for p in model.parameters()) if k}
-        if any(k.startswith("bitsandbytes") for k in quantizers):
+        if any(k.startswith("bitsandbytes") for k in index.quantized.values()):
             raise ValueError(
                 f"this bitsandbytes model is on the CPU but device={device!r}: bitsandbytes quantizes while loading, "
                 "so load it there: from_pretrained(..., quantization_config=..., "
@@ -275,26 +266,26 @@ def check_fits(target: Target, before: MemorySnapshot, required: int, budget: in
 # ---- changes (inside the transaction) -------------------------------------------------------------------------------
 
 
-def move_model(model: nn.Module, device: torch.device, transaction: Transaction) -> None:
-    original = model_devices(model)[0]
+def move_model(model: nn.Module, original: torch.device, device: torch.device, transaction: Transaction) -> None:
     transaction.on_undo(lambda: model.to(original))
     model.to(device)
 
 
-def freeze_base_weights(model: nn.Module) -> None:
+def freeze_base_weights(model: nn.Module, index: ModelIndex) -> None:
     """Every base weight frozen, as peft does; a PeftModel's adapters and modules_to_save copies stay trainable."""
     if not is_peft_model(model):
-        for param in model.parameters():
+        for param in index.parameters.values():
             param.requires_grad_(False)
         return
-    keep = plan.adapter_submodules(model)
-    for wrapper in plan.modules_to_save_wrappers(model).values():
+    keep = plan.adapter_submodules(index)
+    for wrapper in plan.modules_to_save_wrappers(index).values():
         keep.update(id(m) for m in cast(nn.Module, wrapper.modules_to_save).modules())
-    for module in model.modules():
+    for module in index.modules.values():
         if id(module) in keep:
             continue
-        for param in module.parameters(recurse=False):
-            param.requires_grad_(False)
+        for own in module._parameters.values():
+            if own is not None:
+                own.requires_grad_(False)
 
 
 def cast_in_chunks(
@@ -309,12 +300,17 @@ def cast_in_chunks(
 
 
 def add_dtype_flow_hooks(
-    model: nn.Module, changes: plan.Plan, activations: str, chunk_bytes: int, transaction: Transaction
+    model: nn.Module,
+    index: ModelIndex,
+    changes: plan.Plan,
+    activations: str,
+    chunk_bytes: int,
+    transaction: Transaction,
 ) -> tuple[list, int]:
-    norms = {model.get_submodule(name): dtype for name, dtype in changes.upcast_norms.items()}
-    compute_norms = [model.get_submodule(name) for name in changes.compute_norms]
-    skip = plan.adapter_submodules(model) | {id(m) for m in norms}
-    consumers = [m for m in model.modules() if id(m) not in skip and is_strict_consumer(m)]
+    norms = {index.modules[name]: dtype for name, dtype in changes.upcast_norms.items()}
+    compute_norms = [index.modules[name] for name in changes.compute_norms]
+    skip = plan.adapter_submodules(index) | {id(m) for m in norms}
+    consumers = [m for m in index.modules.values() if id(m) not in skip and is_strict_consumer(m)]
     blocks = checkpoint_blocks(model) if activations == "layer" else []
     handles = install_flow_hooks(
         norms, consumers, activations, input_embeddings(model), chunk_bytes, compute_norms, blocks
@@ -422,6 +418,7 @@ def build_report(
         required_bytes=required,
         headroom_bytes=before.headroom,
         seconds=seconds,
+        trace_seconds=changes.trace_seconds,
         gradient_checkpointing=checkpointing is not None,
         before=before,
         after=after,

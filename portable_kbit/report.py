@@ -33,6 +33,7 @@ class PrepReport:
     required_bytes: int
     headroom_bytes: int | None
     seconds: float
+    trace_seconds: float  # of `seconds`, the trace forward that found the norms next to the adapted layers
     gradient_checkpointing: bool
     before: MemorySnapshot
     after: MemorySnapshot
@@ -91,7 +92,8 @@ class PrepReport:
             f"  upcast {len(self.upcast)} parameters, {len(self.upcast_norms)} norms in fp32 "
             f"({len(self.fp32_compute_norms)} computed in fp32 at call time), "
             f"{self.skipped_quantized} quantized parameters untouched, {self.input_guards} input casts, "
-            f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms",
+            f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms "
+            f"({self.trace_seconds * 1000:.1f} ms of it tracing)",
             f"  allocated {mib(self.allocated_delta)}, reserved {mib(self.reserved_delta)}, "
             f"peak allocated {mib(self.peak_allocated_delta)}, process RSS {mib(self.rss_delta)}",
         ]

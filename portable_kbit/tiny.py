@@ -112,7 +112,7 @@ def checkpoint(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: i
 def quantization_config(
     quantizer: str, compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype | None = None
 ) -> Any | None:
-    """`quant_storage`: the dtype bitsandbytes packs 4-bit weights into (bf16 to shard them with FSDP); default uint8."""
+    """`quant_storage`: the dtype bitsandbytes packs 4-bit weights into (bf16 to shard them with FSDP), else uint8."""
     from transformers import BitsAndBytesConfig, QuantoConfig
 
     if quantizer in ("bnb-nf4", "bnb-fp4"):

@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch import nn
 
+from .index import ModelIndex
+
 HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -25,8 +27,9 @@ _MISSING = object()
 class Transaction:
     """Records undo steps; on an exception inside `with`, runs them newest first and re-raises with a note."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, index: ModelIndex | None = None) -> None:
         self.model = model
+        self.index = index or ModelIndex(model)
         self.undo_steps: list[Callable[[], object]] = []
 
     def on_undo(self, step: Callable[[], object]) -> None:
@@ -55,26 +58,32 @@ class Transaction:
         return False
 
     def _remember_hooks_and_flags(self) -> None:
-        modules = list(self.model.modules())
-        hook_keys = {(id(m), name): set(getattr(m, name, {}).keys()) for m in modules for name in HOOK_DICTS}
+        # Few objects on purpose: a 7B model has about a thousand modules, and allocating thousands of small sets
+        # here used to trigger a full garbage collection (a fifth of a second) in the middle of prepare().
+        modules = self.index.module_list()
+        hook_keys = {
+            (id(m), name): list(hooks) for m in modules for name in HOOK_DICTS if (hooks := m.__dict__.get(name))
+        }
         training = {m: m.training for m in modules}
-        attributes = {(m, attr): m.__dict__.get(attr, _MISSING) for m in modules for attr in RESTORED_ATTRIBUTES}
-        requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        attributes = {
+            (m, attr): m.__dict__[attr] for m in modules for attr in RESTORED_ATTRIBUTES if attr in m.__dict__
+        }
+        requires_grad = {p: p.requires_grad for p in self.index.parameters.values()}
         checkpointing = {m: m.__dict__.get("gradient_checkpointing", _MISSING) for m in modules}
         checkpoint_funcs = {m: m.__dict__.get("_gradient_checkpointing_func", _MISSING) for m in modules}
 
         def restore() -> None:
             for m in modules:
                 for name in HOOK_DICTS:
-                    hooks = getattr(m, name, None)
-                    if hooks is None:
+                    hooks = m.__dict__.get(name)
+                    if not hooks:
                         continue
-                    for key in set(hooks.keys()) - hook_keys[(id(m), name)]:
+                    for key in set(hooks.keys()) - set(hook_keys.get((id(m), name), ())):
                         del hooks[key]
+                for attr in RESTORED_ATTRIBUTES:  # what the call set, removed; what it replaced, put back
+                    _restore_attribute(m, attr, attributes.get((m, attr), _MISSING))
             for m, flag in training.items():
                 m.training = flag
-            for (m, attr), value in attributes.items():
-                _restore_attribute(m, attr, value)
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
             for m, value in checkpointing.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import types
 
 import model_state
 import pytest
@@ -148,22 +149,21 @@ def test_device_resolution_of_a_model_split_over_gpus_standin(standin_cuda, monk
     """Stand-in for a device_map split over cuda:0 and cuda:1: 'auto' and 'cuda' take it (each cast happens where its
     parameter is); an explicit index that does not hold the whole model is refused."""
     split = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    monkeypatch.setattr(prepare_module, "model_devices", lambda model: split)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    model = nn.Linear(2, 2)
+    index = types.SimpleNamespace(devices=split, quantized={})  # what resolve_target reads of the model's index
     for device in ("auto", "cuda"):
-        target, move_to = prepare_module.resolve_target(model, device)
+        target, move_to = prepare_module.resolve_target(index, device)
         assert (target.backend.name, target.device, move_to) == ("cuda", split[0], None), device
     with pytest.raises(ValueError, match=r"the model is on cuda:0, cuda:1 but device='cuda:1'; pass device='auto'"):
-        prepare_module.resolve_target(model, "cuda:1")
+        prepare_module.resolve_target(index, "cuda:1")
 
 
 def test_device_resolution_of_a_model_split_over_kinds_standin(standin_cuda, monkeypatch):
     """Stand-in for a device_map split over a GPU and the CPU (CPU offload): refused whatever the device."""
-    monkeypatch.setattr(prepare_module, "model_devices", lambda model: [torch.device("cuda", 0), torch.device("cpu")])
+    index = types.SimpleNamespace(devices=[torch.device("cuda", 0), torch.device("cpu")], quantized={})
     for device in ("auto", "cuda", "cpu"):
         with pytest.raises(ValueError, match=r"the model is split across cuda:0, cpu \(a device_map with offload\)"):
-            prepare_module.resolve_target(nn.Linear(2, 2), device)
+            prepare_module.resolve_target(index, device)
 
 
 def test_model_split_over_two_gpus_by_device_map():
