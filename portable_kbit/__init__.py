@@ -3,6 +3,8 @@
 from .backends import BackendUnavailableError, available_backends
 from .errors import MemoryPressureError
 from .memory import MemorySnapshot, snapshot
+from .patch import PeftPatch, patch_peft
+from .patch import apply_environment_switch as _apply_environment_switch
 from .prepare import prepare, report
 from .report import PrepReport
 
@@ -13,8 +15,10 @@ __all__ = [
     "MemoryMonitor",
     "MemoryPressureError",
     "MemorySnapshot",
+    "PeftPatch",
     "PrepReport",
     "available_backends",
+    "patch_peft",
     "prepare",
     "report",
     "snapshot",
@@ -28,3 +32,8 @@ def __getattr__(name):
 
         return MemoryMonitor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# PORTABLE_KBIT_PATCH_PEFT=1: patch peft's prepare_model_for_kbit_training now, for code that cannot be edited (the
+# only case in which importing portable_kbit imports peft). Last: the package is complete when the patch applies.
+_apply_environment_switch()
