@@ -230,9 +230,8 @@ def check_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(
             f"use_gradient_checkpointing must be True or False, not {merged['use_gradient_checkpointing']!r}"
         )
-    check_options(
-        merged["upcast"], merged["activations"], merged["chunk_bytes"], merged["gradient_checkpointing_kwargs"]
-    )
+    checked = inspect.signature(check_options).parameters
+    check_options(**{name: value for name, value in merged.items() if name in checked})
     return dict(defaults)
 
 

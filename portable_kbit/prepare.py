@@ -90,7 +90,13 @@ def prepare(
         MemoryPressureError: the casts would not fit in the measured free memory (before any change).
     """
     device, use_gradient_checkpointing = _peft_positional_compat(device, use_gradient_checkpointing)
-    check_options(upcast, activations, frozen_norms, chunk_bytes, gradient_checkpointing_kwargs)
+    check_options(
+        upcast=upcast,
+        activations=activations,
+        frozen_norms=frozen_norms,
+        chunk_bytes=chunk_bytes,
+        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+    )
     index = check_model(model)
     target, move_to = resolve_target(index, device)
     target.backend.reset_peak(target.device)
@@ -155,8 +161,15 @@ def _peft_positional_compat(device: Any, use_gradient_checkpointing: bool) -> tu
 
 
 def check_options(
-    upcast: str, activations: str, frozen_norms: str, chunk_bytes: int | None, checkpointing_kwargs: Any
+    *,
+    upcast: str = "adjacent",
+    activations: str = "fp32",
+    frozen_norms: str = "compute",
+    chunk_bytes: int | None = None,
+    gradient_checkpointing_kwargs: Any = None,
 ) -> None:
+    """prepare()'s options, checked before anything is touched (keyword names as prepare() takes them)."""
+    checkpointing_kwargs = gradient_checkpointing_kwargs
     if upcast not in plan.POLICIES:
         raise ValueError(f"upcast={upcast!r} is not a policy; use one of {', '.join(map(repr, plan.POLICIES))}")
     if activations not in ACTIVATIONS:
