@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--variants",
         default=",".join(compare.DEFAULT_VARIANTS),
-        help=f"comma-separated, from: {', '.join(compare.VARIANTS)} (default: all)",
+        help=f"comma-separated, from: {', '.join(compare.VARIANTS)} (default: {','.join(compare.DEFAULT_VARIANTS)})",
     )
     comp.add_argument(
         "--quantizer",
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     # internal: one variant in this process (what each fresh subprocess runs), or building a preset
     comp.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     comp.add_argument("--targets", default=None, help=argparse.SUPPRESS)
+    comp.add_argument("--data-seed", type=int, default=1, help=argparse.SUPPRESS)
     comp.add_argument("--build-preset", action="store_true", help=argparse.SUPPRESS)
     comp.set_defaults(run=run_compare)
     return parser
@@ -276,6 +277,7 @@ def run_compare(args: argparse.Namespace) -> int:
             targets=targets,
             memory_fraction=args.memory_fraction,
             emit=emit_line,
+            data_seed=args.data_seed,
         )
         return 1 if any("error" in r for r in records) else 0
 

@@ -46,8 +46,10 @@ VARIANTS: dict[str, str] = {
     "ours-fp32": "portable_kbit.prepare(activations='fp32')",
     "ours-native": "portable_kbit.prepare(activations='native')",
     "ours-peft": "portable_kbit.prepare(upcast='peft')",
+    "ours-layer": "portable_kbit.prepare(activations='layer')",
+    "ours-fp32-upcast": "portable_kbit.prepare(activations='fp32', frozen_norms='upcast')",
 }
-DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = ("none", "peft-noclear", "peft", "ours-fp32", "ours-native", "ours-peft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +294,7 @@ def run_variant(
     r: int = 16,
     memory_fraction: float | None = None,
     emit: Callable[[dict], None] | None = None,
+    data_seed: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the job for one variant in this process; returns one record per phase (the failing phase last, with
     "error"). Run each variant in a fresh process for comparable numbers: allocator caches and peaks carry over.
@@ -306,6 +309,7 @@ def run_variant(
         lr, r: AdamW learning rate and LoRA rank (lora_alpha = 2 r).
         memory_fraction: cap this process's allocator at this fraction of the GPU (CUDA and ROCm only).
         emit: called with each record as soon as its phase ends (the subprocess prints them).
+        data_seed: the seed of the random training sequence.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -348,7 +352,7 @@ def run_variant(
             model = get_peft_model(model, config)
             extra["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         with phases.phase("train") as (extra, samples):
-            extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples)
+            extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples, data_seed)
     except _Stop:
         pass
     return phases.records
@@ -376,6 +380,8 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-fp32": {},
         "ours-native": {"activations": "native"},
         "ours-peft": {"upcast": "peft"},
+        "ours-layer": {"activations": "layer"},
+        "ours-fp32-upcast": {"frozen_norms": "upcast"},
     }[variant]
     model = prepare(
         model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
@@ -399,13 +405,13 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
 
 
 def train_steps(
-    model: Any, target: backends.Target, steps: int, seq_len: int, lr: float, samples: list
+    model: Any, target: backends.Target, steps: int, seq_len: int, lr: float, samples: list, data_seed: int = 1
 ) -> list[float]:
-    """`steps` AdamW steps on one random sequence in training mode; the losses."""
+    """`steps` AdamW steps on one random sequence (drawn with `data_seed`) in training mode; the losses."""
     model.train()  # transformers checkpoints only in training mode
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
-    ids = tiny.batch(vocab, seq_len, seed=1, device=str(device))
+    ids = tiny.batch(vocab, seq_len, seed=data_seed, device=str(device))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
@@ -476,8 +482,11 @@ def run_in_subprocess(
     memory_fraction: float | None = None,
     emit: Callable[[dict], None] | None = None,
     timeout: float | None = None,
+    data_seed: int = 1,
+    env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one)."""
+    """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one).
+    `env`: extra environment variables for the child (PYTORCH_CUDA_ALLOC_CONF, say)."""
     command = [
         sys.executable,
         "-m",
@@ -499,9 +508,12 @@ def run_in_subprocess(
         command += ["--targets", ",".join(targets)]
     if memory_fraction is not None:
         command += ["--memory-fraction", str(memory_fraction)]
+    if data_seed != 1:
+        command += ["--data-seed", str(data_seed)]
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryFile(mode="w+") as errors:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=_child_env())
+        child_env = {**_child_env(), **(env or {})}
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=child_env)
         assert process.stdout is not None
         for line in process.stdout:
             line = line.strip()
