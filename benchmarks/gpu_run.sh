@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU runs behind the committed H100 results, in the order they were made. Usage on the GPU machine, from the
+# repository root, with bitsandbytes / optimum-quanto wheels in .whl/ (the machine has no network):
+#   benchmarks/gpu_run.sh OUT_DIR STAGE...
+# Stages: install, preset, phases, curves, pytest. Each writes into OUT_DIR; logs go to OUT_DIR/*.log.
+set -uo pipefail
+out="$1"; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+for stage in "$@"; do
+    echo "== $(date +%T) stage $stage" | tee -a "$out/stages.log"
+    case "$stage" in
+    install)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name(0))"
+        ;;
+    preset)  # the Mistral-7B shape with random bf16 weights, built on the GPU, saved once
+        python3 -m portable_kbit compare mistral-7b --build-preset --device cuda:0
+        ;;
+    phases)  # one fresh process per variant, one after the other (prepare() times need a quiet machine)
+        python3 -m portable_kbit compare mistral-7b --device cuda:0 \
+            --variants none,peft,ours-fp32,ours-fp32-upcast,ours-layer,ours-native,ours-peft,peft-noclear \
+            --json-out "$out/phases.jsonl" > "$out/phases.log" 2>&1
+        ;;
+    curves)  # 3 data seeds x 40 steps x 4 variants, 6 processes at a time
+        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
+            --out "$out" > "$out/curves.log" 2>&1
+        ;;
+    pytest)
+        python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1
+        ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+    esac
+    echo "== $(date +%T) stage $stage: exit $?" | tee -a "$out/stages.log"
+done
