@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import backends, memory, plan
+from . import attention, backends, memory, plan
 from .backends import Target
 from .cast import CastJournal, chunked, required_bytes
 from .errors import MemoryPressureError
@@ -74,7 +74,10 @@ def prepare(
             gradient-checkpointed layer (the upcast norms hand fp32 to the adapted layers, attention and MLP compute
             in fp32), the model's dtype between layers, so the checkpointed layer inputs stay half precision;
             lm_head as in "fp32". ``"native"``: the upcast norms hand on the model's dtype: lowest memory (that of
-            no preparation), learns slightly slower in the first steps.
+            no preparation), learns slightly slower in the first steps. Where q/k/v reach attention in fp32
+            ("fp32", "layer", or ``upcast="peft"``) on transformers' sdpa attention, the model is switched to
+            ``portable_kbit_sdpa``: sdpa, with k/v expanded to the query heads where the backend says fp32
+            grouped-query attention would otherwise leave the fused kernels (README).
         frozen_norms: how a frozen norm the policy selects gets fp32. ``"compute"`` (default): it computes in fp32
             at call time from its bf16/fp16 parameters (exact in fp32), which keep their dtype: no new bytes, and
             nothing that FSDP, a checkpoint or an optimizer sees changes. ``"upcast"``: its parameters are cast to
@@ -118,6 +121,9 @@ def prepare(
         cast_in_chunks(chunks, target, samples, transaction)
         supersede_previous_overrides(previous, transaction)
         handles, guarded = add_dtype_flow_hooks(model, index, changes, activations, budget, transaction)
+        attention_handles, attention_choice = install_fp32_attention(
+            model, target, activations, upcast, previous, transaction
+        )
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
@@ -138,9 +144,10 @@ def prepare(
             checkpointing,
             move_to,
             guarded,
+            attention_choice,
         )
     retire_previous_hooks(previous)
-    remember(model, PrepState(report, handles, checkpointing))
+    remember(model, PrepState(report, handles + attention_handles, checkpointing))
     return model
 
 
@@ -332,6 +339,25 @@ def add_dtype_flow_hooks(
     return handles, len(consumers)
 
 
+def install_fp32_attention(
+    model: nn.Module,
+    target: Target,
+    activations: str,
+    upcast: str,
+    previous: PrepState | None,
+    transaction: Transaction,
+) -> tuple[list, attention.AttentionChoice]:
+    """Where q/k/v will reach attention in fp32 and the model's attention is transformers' sdpa: our sdpa, which
+    keeps fp32 grouped-query attention on a fused kernel where the backend says transformers' call would not.
+
+    A repeat takes over the last call's switch; a call that no longer needs it leaves it to retire_previous_hooks.
+    """
+    fp32_reason = attention.fp32_inside_attention(activations, upcast)
+    previous_handles = previous.hook_handles if previous is not None else []
+    choice = attention.install(hf_model(model), target.backend, fp32_reason, previous_handles, transaction.on_undo)
+    return ([choice.switch] if choice.switch is not None else []), choice
+
+
 def remove_all(handles: list) -> None:
     """Newest first: an override stacked on another of the same call comes off before the one it wraps."""
     for handle in reversed(handles):
@@ -404,10 +430,13 @@ def build_report(
     checkpointing,
     move_to,
     guarded,
+    attention_choice,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
         notes.append(f"moved the model from cpu to {move_to} before preparing it")
+    if attention_choice.note is not None:
+        notes.append(attention_choice.note)
     quantizers: dict[str, int] = {}
     for kind in changes.quantized.values():
         quantizers[kind] = quantizers.get(kind, 0) + 1
@@ -437,6 +466,8 @@ def build_report(
         after=after,
         peak=peak,
         notes=notes,
+        attention=attention_choice.implementation,
+        attention_reason=attention_choice.reason,
     )
 
 

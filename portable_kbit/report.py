@@ -39,6 +39,9 @@ class PrepReport:
     after: MemorySnapshot
     peak: MemorySnapshot
     notes: list[str]
+    # the model's attention implementation after the call ("portable_kbit_sdpa" where prepare() switched it), and why
+    attention: str | None = None
+    attention_reason: str = ""
 
     @property
     def allocated_delta(self) -> int | None:
@@ -97,5 +100,7 @@ class PrepReport:
             f"  allocated {mib(self.allocated_delta)}, reserved {mib(self.reserved_delta)}, "
             f"peak allocated {mib(self.peak_allocated_delta)}, process RSS {mib(self.rss_delta)}",
         ]
+        if self.attention_reason:
+            lines.append(f"  attention: {self.attention} ({self.attention_reason})")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)

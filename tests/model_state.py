@@ -3,7 +3,8 @@
 Taken before a call and compared after it: every parameter's and buffer's type, dtype, device, requires_grad and
 raw bytes (tensor subclasses such as optimum-quanto's QTensors are compared through their inner tensors), every
 module's training flag, hook dicts (keys and the hook functions) and other attributes (gradient-checkpointing flags,
-input-gradient hooks ...), and the config.
+input-gradient hooks ...), the config, and the attention implementation of every config (which ``to_dict`` leaves
+out).
 """
 
 from __future__ import annotations
@@ -135,6 +136,27 @@ class ModelState:
         return out
 
 
+def attention_implementations(model: nn.Module) -> dict[str, Any]:
+    """The attention attributes ``set_attn_implementation`` writes, for every config of every module and its
+    sub-configs, by where the config was found."""
+    found: dict[int, tuple[str, Any]] = {}
+    stack = [(f"{name or '<root>'}.config", m.config) for name, m in model.named_modules() if hasattr(m, "config")]
+    while stack:
+        where, config = stack.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation"):
+            continue
+        found[id(config)] = (where, config)
+        for key in getattr(config, "sub_configs", None) or {}:
+            stack.append((f"{where}.{key}", getattr(config, key, None)))
+    return {
+        where: (
+            config.__dict__.get("_attn_implementation_internal", "<missing>"),
+            "_attn_was_changed" in config.__dict__,
+        )
+        for where, config in found.values()
+    }
+
+
 def take(model: nn.Module) -> ModelState:
     params = {n: _tensor_record(p) for n, p in model.named_parameters(remove_duplicate=False)}
     buffers = {n: _tensor_record(b) for n, b in model.named_buffers(remove_duplicate=False)}
@@ -144,7 +166,10 @@ def take(model: nn.Module) -> ModelState:
         modules[name] = record
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
-    attributes = {"portable_kbit_state": id(getattr(model, "_portable_kbit_state", None))}
+    attributes = {
+        "portable_kbit_state": id(getattr(model, "_portable_kbit_state", None)),
+        "attention": attention_implementations(model),
+    }
     return ModelState(params, buffers, modules, config_dict, attributes)
 
 

@@ -2,10 +2,10 @@
 
 Fault injection: the k-th cast chunk fails (for every k of a multi-chunk plan: before the chunk, in its middle, after
 it), with an ordinary error, an out-of-memory error and a KeyboardInterrupt; then failures in the later steps
-(dtype-flow hooks, gradient checkpointing, input gradients, the report). Each time the whole model state
-(tests/model_state.py: every parameter's dtype and bits, requires_grad, hooks, training and checkpointing flags,
-config) is compared with a copy taken before the call, and the error carries the "restored" note. MemoryPressureError
-comes before any change.
+(dtype-flow hooks, the fp32 attention switch, gradient checkpointing, input gradients, the report). Each time the
+whole model state (tests/model_state.py: every parameter's dtype and bits, requires_grad, hooks, training and
+checkpointing flags, config, attention implementations) is compared with a copy taken before the call, and the
+error carries the "restored" note. MemoryPressureError comes before any change.
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def _partial_hooks_then_fail(norms, consumers, activations, *rest):
 STEPS = {
     "flow hooks (all installed)": ("install_flow_hooks", lambda original: _hooks_then_fail),
     "flow hooks (half installed)": ("install_flow_hooks", lambda original: _partial_hooks_then_fail),
+    "fp32 attention": ("install_fp32_attention", _fail_after),
     "gradient checkpointing": ("enable_gradient_checkpointing", _fail_after),
     "finish on device": ("finish_on_device", _fail_after),
     "report": ("build_report", _fail_after),
@@ -241,7 +242,7 @@ def test_failure_in_a_second_call_restores_the_first_calls_state(backend, device
     first_report = portable_kbit.report(model)
     hooks = model_state.hook_count(model)
     before = model_state.take(model)
-    for step in ("flow hooks (all installed)", "gradient checkpointing", "report"):
+    for step in ("flow hooks (all installed)", "fp32 attention", "gradient checkpointing", "report"):
         name, make = STEPS[step]
         with monkeypatch.context() as patch:
             patch.setattr(prepare_module, name, make(getattr(prepare_module, name)))

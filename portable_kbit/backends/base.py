@@ -29,6 +29,36 @@ def accelerator_function(name: str) -> Callable | None:
     return getattr(accelerator, name, None) if accelerator is not None else None
 
 
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def sdpa_kernel_choice(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    enable_gqa: bool,
+) -> str | None:
+    """The kernel torch's SDPA dispatcher picks for this call ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH" ...),
+    asked through ``torch._fused_sdp_choice`` (private: the dispatcher's own answer, with ``enable_gqa`` from torch
+    2.5); None where this torch or device cannot say."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return None
+    try:
+        from torch.nn.attention import SDPBackend
+
+        index = choose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa=enable_gqa)
+        return SDPBackend(index).name
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
 def probe(function: Callable | None, *args) -> int | None:
     """Call an allocator probe; None where it is missing or the backend refuses (they raise RuntimeError)."""
     if function is None:
@@ -97,6 +127,24 @@ class Backend:
         if stats.reserved is not None and stats.allocated is not None:
             cached_unused = max(0, stats.reserved - stats.allocated)
         return min(known) + cached_unused
+
+    #: what attention costs here when prepare() leaves q/k/v in fp32 (the report's attention reason, the README)
+    fp32_attention: str = "fp32 attention runs as transformers' sdpa calls it"
+
+    def fp32_attention_needs_expanded_kv(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+    ) -> bool:
+        """For an fp32 grouped-query attention call (fewer k/v heads than query heads): True when SDPA's fused kernels
+        would refuse it with ``enable_gqa=True`` and an expanded one (k/v repeated to the query heads, no
+        ``enable_gqa``) should run instead; the refused call runs the math kernel, whose memory grows with L x L.
+        False: leave the call to transformers' sdpa. Called once per attention call, with that call's tensors."""
+        return False
 
     def chunk_budget(self, headroom: int | None, unified: bool) -> int:
         """Bytes per cast chunk: the backend's default, shrunk under memory pressure."""

@@ -13,6 +13,11 @@ class CudaBackend(Backend):
     device_type = "cuda"
     default_chunk_bytes = 256 * MiB
     unified_chunk_bytes = 64 * MiB
+    fp32_attention = (
+        "cuda: flash attention takes no fp32, and where the memory-efficient kernel refuses fp32 grouped-query "
+        "attention (torch asked per call), k/v are expanded to the query heads so that it runs instead of the math "
+        "kernel: O(L) memory instead of O(L^2), for k/v tensors as large as the query's"
+    )
 
     def why_unavailable(self) -> str | None:
         if getattr(torch.version, "hip", None):
@@ -65,6 +70,25 @@ class CudaBackend(Backend):
                 torch.cuda.empty_cache()
         except RuntimeError:
             torch.cuda.empty_cache()
+
+    def fp32_attention_needs_expanded_kv(self, query, key, value, attn_mask, dropout_p, is_causal) -> bool:
+        """Asks torch whether a fused kernel (flash, memory-efficient, cuDNN) takes the call with ``enable_gqa=True``:
+        none does means expand. No version test: a torch whose kernels gain fp32 GQA is used as it is."""
+        cuda = torch.backends.cuda
+        try:
+            params = cuda.SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, True)
+        except TypeError:  # a torch without enable_gqa in SDPA: transformers repeats k/v itself
+            return False
+        for check_name in ("can_use_flash_attention", "can_use_efficient_attention", "can_use_cudnn_attention"):
+            check = getattr(cuda, check_name, None)
+            if check is None:
+                continue
+            try:
+                if check(params, False):
+                    return False
+            except RuntimeError:
+                continue
+        return True
 
     @staticmethod
     def _counter(name: str, index: int) -> int | None:

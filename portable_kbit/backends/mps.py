@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import AllocatorStats, Backend, MiB, accelerator_function, probe
+from .base import AllocatorStats, Backend, MiB, accelerator_function, probe, torch_version
 
 # On 2.9-2.12 torch.accelerator's memory functions raise "Allocator for mps is not a DeviceAllocator".
 ACCELERATOR_MEMORY_ON_MPS_FROM = (2, 13)
-
-
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
 
 
 class MpsBackend(Backend):
@@ -24,6 +19,17 @@ class MpsBackend(Backend):
     device_type = "mps"
     default_chunk_bytes = 64 * MiB
     unified_chunk_bytes = 64 * MiB
+    #: torch <= 2.11 has no fused attention backward on MPS: training attention is the math path, which keeps an
+    #: L x L score matrix per head (and its softmax) for the backward, for every dtype. Expanding k/v gains nothing
+    #: there, so the call is left to transformers; what fp32 costs is twice the bytes of those matrices.
+    fp32_attention = (
+        "mps: no fused attention backward (torch <= 2.11): training attention runs the math path, L x L scores per "
+        "head, and fp32 doubles their bytes against bf16; k/v are not expanded (no fused kernel to gain)"
+    )
+
+    def fp32_attention_needs_expanded_kv(self, query, key, value, attn_mask, dropout_p, is_causal) -> bool:
+        """Never: without a fused attention backward, the expanded call would run the math path as well."""
+        return False
 
     def why_unavailable(self) -> str | None:
         mps = getattr(torch.backends, "mps", None)

@@ -13,6 +13,10 @@ class RocmBackend(CudaBackend):
     device_type = "cuda"
     default_chunk_bytes = 256 * MiB
     unified_chunk_bytes = 64 * MiB
+    fp32_attention = (
+        "rocm: as on cuda, torch is asked per call whether a fused kernel takes fp32 grouped-query attention; where "
+        "none does, k/v are expanded to the query heads so that the memory-efficient kernel can run"
+    )
 
     def why_unavailable(self) -> str | None:
         if not getattr(torch.version, "hip", None):

@@ -1,0 +1,286 @@
+"""Attention that stays on a fused kernel when prepare() leaves q/k/v in fp32.
+
+With fp32 hidden states, q/k/v reach ``scaled_dot_product_attention`` in fp32, and transformers passes
+``enable_gqa=True`` for grouped-query attention whenever there is no attention mask (batch 1, packed or padding-free
+batches). On CUDA (torch <= 2.11) no fused kernel takes that call: flash takes no fp32 and the memory-efficient kernel
+no GQA, so SDPA runs the math kernel, whose memory grows with L x L. The same call with k/v expanded to the query heads
+and no ``enable_gqa`` runs the memory-efficient kernel.
+
+This module registers an attention function with transformers' ``AttentionInterface`` under ``ATTENTION_NAME`` (and
+sdpa's own mask function under the same name with ``AttentionMaskInterface``, so padding masks are built as for
+sdpa), switched on with ``model.set_attn_implementation``. The function is transformers' ``sdpa_attention_forward``,
+except for an fp32 grouped-query call that the device's Backend says the fused kernels would refuse: then k/v are
+expanded (transformers' ``repeat_kv``) and transformers' function runs without ``enable_gqa``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import backends
+from .backends import Backend
+from .flow import FP32_FLOWS
+from .models import call
+
+#: our name in transformers' attention registries (and the models' ``config._attn_implementation`` once switched)
+ATTENTION_NAME = "portable_kbit_sdpa"
+#: the ``activations`` modes whose hidden states reach attention in fp32: those whose adapted layers compute in fp32
+FP32_ATTENTION_MODES: tuple[str, ...] = FP32_FLOWS
+
+_MISSING = object()
+# set_attn_implementation writes these on configs (the second only transformers 4.x, on sub-model configs)
+_CONFIG_ATTRIBUTES = ("_attn_implementation_internal", "_attn_was_changed")
+
+
+def fp32_inside_attention(activations: str, upcast: str) -> str | None:
+    """Why q/k/v reach attention in fp32 after prepare(), or None where they keep the model's dtype."""
+    if activations in FP32_ATTENTION_MODES:
+        return f"activations={activations!r} hands fp32 hidden states to attention"
+    if upcast == "peft":
+        return "upcast='peft' makes the embeddings fp32, and the hidden states with them"
+    return None
+
+
+# ---- the attention function -----------------------------------------------------------------------------------------
+
+
+class _WithoutKvGroups:
+    """The attention module as transformers' sdpa function sees it once k/v are expanded: no ``num_key_value_groups``,
+    so it neither repeats k/v again nor passes ``enable_gqa``; every other attribute is the module's."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "num_key_value_groups":
+            raise AttributeError(name)
+        return getattr(self._module, name)
+
+
+def _backend_for(device: torch.device) -> Backend | None:
+    try:
+        return backends.for_device(device)
+    except backends.BackendUnavailableError:  # a device we have no backend for: transformers' call as it is
+        return None
+
+
+def expands_kv(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    is_causal: bool | None,
+) -> bool:
+    """Whether this call takes the expanded path: fp32 grouped-query attention over more than one query position,
+    which the device's Backend says the fused kernels would refuse with ``enable_gqa``."""
+    if query.dtype != torch.float32 or query.dim() != 4 or key.dim() != 4:
+        return False
+    q_heads, kv_heads, q_length = query.shape[1], key.shape[1], query.shape[2]
+    if kv_heads >= q_heads or q_heads % kv_heads or q_length <= 1:  # not GQA, or decoding (transformers packs it)
+        return False
+    backend = _backend_for(query.device)
+    if backend is None:
+        return False
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and attention_mask is None  # as transformers' sdpa function decides it
+    return backend.fp32_attention_needs_expanded_kv(query, key, value, attention_mask, dropout, causal)
+
+
+def fp32_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' sdpa attention; k/v expanded to the query heads where the Backend says so (see the module doc)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    caller: Any = module
+    if expands_kv(module, query, key, value, attention_mask, dropout, is_causal):
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        caller = _WithoutKvGroups(module)
+    return sdpa_attention_forward(
+        caller, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def register() -> None:
+    """Register the attention function and sdpa's mask function under ATTENTION_NAME (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, fp32_sdpa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# ---- switching a model ----------------------------------------------------------------------------------------------
+
+
+def attention_configs(model: nn.Module) -> list[Any]:
+    """Every config whose attention implementation ``set_attn_implementation`` may set: those of the transformers
+    models in ``model`` (the top one, sub-models) and their sub-configs, at any depth, each once."""
+    from transformers import PreTrainedModel
+
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while stack:
+        config = stack.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", None) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return list(seen.values())
+
+
+@dataclasses.dataclass
+class ConfigSnapshot:
+    """The attention attributes of a model's configs, exactly, to put back."""
+
+    values: list[tuple[Any, dict[str, Any]]]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> ConfigSnapshot:
+        return cls(
+            [(c, {a: c.__dict__.get(a, _MISSING) for a in _CONFIG_ATTRIBUTES}) for c in attention_configs(model)]
+        )
+
+    def restore(self) -> None:
+        for config, attributes in self.values:
+            for name, value in attributes.items():
+                if value is _MISSING:
+                    config.__dict__.pop(name, None)
+                else:
+                    config.__dict__[name] = value
+
+    def configs(self) -> list[Any]:
+        return [config for config, _ in self.values]
+
+    def top(self) -> Any:
+        """The implementation recorded for the first (the top model's) config."""
+        value = self.values[0][1]["_attn_implementation_internal"] if self.values else None
+        return None if value is _MISSING else value
+
+
+class AttentionSwitch:
+    """A removable handle: our attention implementation on a transformers model. ``remove()`` puts back the
+    implementation the model had before our first install, unless a later prepare() took the switch over
+    (``superseded``) or something else has changed the implementation since."""
+
+    def __init__(self, model: nn.Module, original: ConfigSnapshot) -> None:
+        self.model = model
+        self.original = original
+        self.superseded = False
+
+    def is_live(self) -> bool:
+        configs = self.original.configs()
+        return not self.superseded and bool(configs) and all(c._attn_implementation == ATTENTION_NAME for c in configs)
+
+    def remove(self) -> None:
+        if self.is_live():
+            self.original.restore()
+        self.superseded = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+    """What prepare() did to the model's attention: the implementation after the call and why."""
+
+    implementation: str | None
+    reason: str
+    switch: AttentionSwitch | None = None
+    note: str | None = None  # for the report's notes: a model left as it was although its attention is fp32
+
+
+def _live_switch(model: nn.Module, previous_handles: list) -> AttentionSwitch | None:
+    for handle in previous_handles:
+        if isinstance(handle, AttentionSwitch) and handle.model is model and handle.is_live():
+            return handle
+    return None
+
+
+def _left_alone(implementation: Any, fp32_reason: str) -> tuple[str, str]:
+    """(reason, note) for a model whose attention is not transformers' sdpa."""
+    if implementation == "eager":
+        why = (
+            "eager attention left as it is: it keeps the L x L scores, in fp32 here, whatever is done; "
+            "model.set_attn_implementation('sdpa') before prepare() lets portable_kbit keep fp32 attention fused"
+        )
+    elif isinstance(implementation, str) and implementation.startswith("flash_attention"):
+        why = f"{implementation} left as it is: transformers casts fp32 q/k/v to half precision for it"
+    else:
+        why = f"attention implementation {implementation!r} left as it is (only transformers' 'sdpa' is switched)"
+    return why, f"{fp32_reason}; {why}"
+
+
+def _ours_as_sdpa(attributes: dict[str, Any]) -> dict[str, Any]:
+    if attributes["_attn_implementation_internal"] == ATTENTION_NAME:
+        return {**attributes, "_attn_implementation_internal": "sdpa"}
+    return attributes
+
+
+def install(
+    model: nn.Module,
+    backend: Backend,
+    fp32_reason: str | None,
+    previous_handles: list,
+    on_undo: Callable[[Callable[[], object]], None],
+) -> AttentionChoice:
+    """Switch a transformers model (a PeftModel's base model) to ATTENTION_NAME where its attention is transformers'
+    sdpa and q/k/v will be fp32 (``fp32_reason``); a repeat takes over the last call's switch instead of stacking.
+
+    ``on_undo`` gets a step that puts back exactly the state before this call (a failed prepare()). Returns what was
+    done; its ``switch`` is the handle to keep with the call's hooks.
+    """
+    prior = _live_switch(model, previous_handles)
+    configs = attention_configs(model)
+    implementations = [c._attn_implementation for c in configs]
+    current = implementations[0] if implementations else None
+    if fp32_reason is None:
+        after = prior.original.top() if prior is not None else current
+        reason = "q/k/v keep the model's dtype: transformers' attention as it is"
+        if prior is not None:
+            reason += f" (the fp32 attention of the last prepare() is removed: back to {after!r})"
+        return AttentionChoice(after, reason)
+    if not configs or not hasattr(model, "set_attn_implementation"):
+        return AttentionChoice(current, f"{fp32_reason}; not a transformers model: attention left as it is")
+    if any(i not in ("sdpa", ATTENTION_NAME) for i in implementations):
+        odd = next(i for i in implementations if i not in ("sdpa", ATTENTION_NAME))
+        reason, note = _left_alone(odd, fp32_reason)
+        return AttentionChoice(current, reason, note=note)
+    can_switch = getattr(type(model), "_can_set_attn_implementation", None)
+    if current != ATTENTION_NAME and can_switch is not None and not can_switch():
+        reason = f"{type(model).__name__} cannot switch its attention implementation: sdpa left as it is"
+        return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
+
+    before = ConfigSnapshot.take(model)
+    on_undo(before.restore)
+    if prior is not None:
+        original = prior.original
+        prior.superseded = True
+        on_undo(lambda: setattr(prior, "superseded", False))
+    else:  # ours without a live switch (a copied model, say): it stood for transformers' sdpa
+        original = ConfigSnapshot([(c, _ours_as_sdpa(v)) for c, v in before.values])
+    register()
+    call(model, "set_attn_implementation", ATTENTION_NAME)
+    switch = AttentionSwitch(model, original)
+    if not switch.is_live():
+        before.restore()
+        reason = f"{type(model).__name__} did not take the attention implementation {ATTENTION_NAME!r}: left as it was"
+        return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
+    return AttentionChoice(ATTENTION_NAME, f"{fp32_reason}; {backend.fp32_attention}", switch)
