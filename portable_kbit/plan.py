@@ -266,13 +266,17 @@ def _stub_weighted_modules(model: nn.Module) -> list[nn.Module]:
     """Replace the forward of every weight-holding layer (and peft's adapter wrappers) by a shape-only stand-in."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    stubbed = []
+    stubbed: list[nn.Module] = []
     for module in model.modules():
         is_leaf_with_weights = not module._modules and any(p is not None for p in module._parameters.values())
         if not (is_leaf_with_weights or isinstance(module, BaseTunerLayer)):
             continue
         stand_in = _shape_only_forward(module)
         if stand_in is None:
+            # the stand-ins set so far come off before the fallback runs the real model (MoE experts hold 3-D
+            # weights: no shape rule); the caller puts back any instance forward they covered
+            for done in stubbed:
+                done.__dict__.pop("forward", None)
             raise _CannotTraceOnMeta(f"no shape rule for {type(module).__name__}")
         module.__dict__["forward"] = stand_in
         stubbed.append(module)
@@ -345,6 +349,8 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
 
     runner = hf_model(model)
     was_training = {m: m.training for m in model.modules()}
+    # instance forwards already there (an earlier prepare()'s fp32 lm_head): put back after the stand-ins
+    instance_forwards = {m: m.__dict__["forward"] for m in model.modules() if "forward" in m.__dict__}
     stubbed: list[nn.Module] = []
     try:
         for name in norms:
@@ -371,6 +377,8 @@ def _trace(model: nn.Module, adapted: list[str], norms: list[str], inputs_kind: 
     finally:
         for module in stubbed:
             module.__dict__.pop("forward", None)
+        for module, forward in instance_forwards.items():
+            module.__dict__["forward"] = forward
         for handle in handles:
             handle.remove()
         for module, training in was_training.items():
