@@ -18,6 +18,9 @@ gradient checkpointing, AdamW lr 1e-4, 5 steps on one random sequence.
 - time (long_time.jsonl): one process per variant, uncapped, not concurrent; for each of --time-lengths the same
   starting adapter weights, 5 steps, each step timed with a device synchronisation; the median of steps 2-5 and the
   loss of every step.
+
+long_sequences.md is the table of both files (the latest record of each variant): --measure fit and --measure time,
+or groups of --variants with --append, can run as separate commands.
 """
 
 from __future__ import annotations
@@ -396,6 +399,10 @@ def loss_gaps(times: list[dict]) -> dict[str, float]:
     return gaps
 
 
+def _read(path: Path) -> list[dict]:
+    return _records(path.read_text())
+
+
 def run(args: argparse.Namespace) -> int:
     from portable_kbit import compare
 
@@ -421,8 +428,9 @@ def run(args: argparse.Namespace) -> int:
     versions = compare.versions()
     fits: dict[str, dict] = {}
     times: list[dict] = []
+    mode = "a" if args.append else "w"
     if "fit" in args.measure:
-        with open(out / "long_fit.jsonl", "w") as sink:
+        with open(out / "long_fit.jsonl", mode) as sink:
 
             def emit_fit(record: dict) -> None:
                 sink.write(json.dumps({**record, "preset": args.preset, "versions": versions}) + "\n")
@@ -430,13 +438,21 @@ def run(args: argparse.Namespace) -> int:
 
             fits = run_fits(args, checkpoint, variants, emit_fit, log)
     if "time" in args.measure:
-        with open(out / "long_time.jsonl", "w") as sink:
+        with open(out / "long_time.jsonl", mode) as sink:
 
             def emit_time(record: dict) -> None:
                 sink.write(json.dumps({**record, "preset": args.preset, "versions": versions}) + "\n")
                 sink.flush()
 
             times = run_times(args, checkpoint, variants, emit_time, log)
+    # the table is made from the files: runs of one measure, or of some variants (--append), add up
+    if (out / "long_fit.jsonl").exists():
+        fits = {r["variant"]: r for r in _read(out / "long_fit.jsonl") if r.get("phase") == "fit"}
+    if (out / "long_time.jsonl").exists():
+        latest = {
+            (r["variant"], r.get("seq_len")): r for r in _read(out / "long_time.jsonl") if r.get("phase") == "time"
+        }
+        times = list(latest.values())
     text = table(fits, times)
     gaps = loss_gaps(times)
     if gaps:
@@ -463,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-start", type=int, default=1024)
     parser.add_argument("--fit-stop", type=int, default=8192)
     parser.add_argument("--coarse", type=int, default=0, help="first search in steps of this (a multiple of 256)")
+    parser.add_argument("--append", action="store_true", help="add to the result files instead of replacing them")
     parser.add_argument("--time-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 4096])
     parser.add_argument("--child", choices=["fit", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
