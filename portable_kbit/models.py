@@ -6,6 +6,7 @@ as ``Tensor | Module``: these helpers say what each call returns, in one place, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,12 @@ def output_embeddings(model: nn.Module) -> nn.Module | None:
     except (AttributeError, NotImplementedError):
         return None
     return head if isinstance(head, nn.Module) else None
+
+
+def loss_function(model: nn.Module) -> Callable[..., Any] | None:
+    """transformers' ``loss_function`` of a model (the settable one of ``PreTrainedModel``), or None."""
+    function = getattr(model, "loss_function", None)
+    return function if callable(function) else None
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

@@ -280,6 +280,10 @@ def _stub_weighted_modules(modules: dict[str, nn.Module], stubbed: dict[nn.Modul
             continue
         stand_in = _shape_only_forward(module)
         if stand_in is None:
+            # the stand-ins set so far come off before the fallback runs the real model (MoE experts hold 3-D
+            # weights: no shape rule); the caller puts back any instance forward they covered
+            for done in stubbed:
+                done.__dict__.pop("forward", None)
             raise _CannotTraceOnMeta(f"no shape rule for {type(module).__name__}")
         stubbed[module] = module.__dict__.get("forward")
         module.__dict__["forward"] = stand_in

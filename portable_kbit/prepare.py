@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import attention, backends, memory, plan
+from . import attention, backends, blocks, memory, plan
 from .backends import Target
 from .cast import CastJournal, chunked, required_bytes
 from .errors import MemoryPressureError
@@ -48,6 +48,7 @@ def prepare(
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict | None = None,
     chunk_bytes: int | None = None,
+    token_blocks: int | str | None = None,
 ) -> nn.Module:
     """Prepare a quantized transformers model (or a PeftModel) for LoRA/QLoRA training; returns the same model.
 
@@ -86,10 +87,18 @@ def prepare(
             reentrant variant needs them), as peft does.
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``).
         chunk_bytes: bytes of new fp32 tensors per cast chunk; default: the backend's, shrunk under memory pressure.
+        token_blocks: long sequences in less memory. ``"auto"``: when the model is trained through its forward
+            with ``labels`` (training mode), the output head and the loss run in blocks of the backend's block size
+            over the tokens, each recomputed in backward, so that the ``[tokens, vocab]`` logits never exist at full
+            length (``outputs.logits`` is then None); each decoder layer's MLP does the same in training mode. Only
+            calls longer than one block are blocked; those pay one more forward of the head and of each MLP. An
+            int: that many tokens per block. None (default): off. ``portable_kbit.report(model)`` says what was
+            blocked, and what was left alone and why.
 
     Raises:
         ValueError: bad arguments, an unavailable device, a model on another device, nothing matched by
-            ``target_modules`` (all before any change).
+            ``target_modules``, an explicit ``token_blocks`` size for a model whose head and loss cannot run in
+            blocks (all before any change).
         MemoryPressureError: the casts would not fit in the measured free memory (before any change).
     """
     device, use_gradient_checkpointing = _peft_positional_compat(device, use_gradient_checkpointing)
@@ -99,6 +108,7 @@ def prepare(
         frozen_norms=frozen_norms,
         chunk_bytes=chunk_bytes,
         gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        token_blocks=token_blocks,
     )
     index = check_model(model)
     target, move_to = resolve_target(index, device)
@@ -107,6 +117,7 @@ def prepare(
     started = time.perf_counter()
 
     changes = plan.build(model, upcast, target_modules, frozen_norms, index)
+    blocks_plan = plan_token_blocks(model, token_blocks, target, before)
     budget, budget_source = chunk_budget(target, before, chunk_bytes)
     chunks = chunked(changes.casts, budget)
     required = required_bytes(chunks) + (_model_bytes(model) if move_to is not None else 0)
@@ -124,6 +135,7 @@ def prepare(
         attention_handles, attention_choice = install_fp32_attention(
             model, target, activations, upcast, previous, transaction
         )
+        handles += add_token_blocks(model, blocks_plan, transaction)
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
@@ -145,6 +157,7 @@ def prepare(
             move_to,
             guarded,
             attention_choice,
+            blocks_plan,
         )
     retire_previous_hooks(previous)
     remember(model, PrepState(report, handles + attention_handles, checkpointing))
@@ -174,6 +187,7 @@ def check_options(
     frozen_norms: str = "compute",
     chunk_bytes: int | None = None,
     gradient_checkpointing_kwargs: Any = None,
+    token_blocks: Any = None,
 ) -> None:
     """prepare()'s options, checked before anything is touched (keyword names as prepare() takes them)."""
     checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -195,6 +209,7 @@ def check_options(
         raise ValueError(
             f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes), or None for the backend's default"
         )
+    blocks.check_option(token_blocks)
     if checkpointing_kwargs is not None and not isinstance(checkpointing_kwargs, dict):
         raise TypeError(
             f"gradient_checkpointing_kwargs must be a dict or None, not {type(checkpointing_kwargs).__name__}"
@@ -278,6 +293,21 @@ def chunk_budget(target: Target, before: MemorySnapshot, chunk_bytes: int | None
     return budget, "backend default" if budget == default else "shrunk by memory pressure"
 
 
+def plan_token_blocks(
+    model: nn.Module, token_blocks: int | str | None, target: Target, before: MemorySnapshot
+) -> blocks.BlocksPlan | None:
+    """What token blocks will cover (a trace of one forward with labels, on the meta device where it can), and the
+    block size: the argument, or the backend's for "auto" (shrunk under memory pressure). Refuses an explicit size
+    for a model whose head and loss cannot be blocked."""
+
+    def size(bytes_per_token: int) -> tuple[int, str]:
+        default = target.backend.token_block_size(bytes_per_token, None, before.unified)
+        tokens = target.backend.token_block_size(bytes_per_token, before.headroom, before.unified)
+        return tokens, "backend default" if tokens == default else "shrunk by memory pressure"
+
+    return blocks.build_plan(model, token_blocks, size)
+
+
 def check_fits(target: Target, before: MemorySnapshot, required: int, budget: int) -> None:
     if before.headroom is not None and required > before.headroom:
         raise MemoryPressureError(str(target.device), required, before.headroom, budget)
@@ -358,6 +388,15 @@ def install_fp32_attention(
     return ([choice.switch] if choice.switch is not None else []), choice
 
 
+def add_token_blocks(model: nn.Module, blocks_plan: blocks.BlocksPlan | None, transaction: Transaction) -> list:
+    """The blocked head/loss (hooks and loss_function) and the blocked MLP forwards, as removable handles."""
+    if blocks_plan is None:
+        return []
+    handles = blocks.install(model, blocks_plan)
+    transaction.on_undo(lambda: remove_all(handles))
+    return handles
+
+
 def remove_all(handles: list) -> None:
     """Newest first: an override stacked on another of the same call comes off before the one it wraps."""
     for handle in reversed(handles):
@@ -431,6 +470,7 @@ def build_report(
     move_to,
     guarded,
     attention_choice,
+    blocks_plan=None,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
@@ -468,7 +508,21 @@ def build_report(
         notes=notes,
         attention=attention_choice.implementation,
         attention_reason=attention_choice.reason,
+        **_blocks_report(blocks_plan),
     )
+
+
+def _blocks_report(blocks_plan: blocks.BlocksPlan | None) -> dict[str, Any]:
+    if blocks_plan is None:
+        return {}
+    return {
+        "token_blocks": blocks_plan.size,
+        "token_blocks_source": blocks_plan.source,
+        "blocked_head": blocks_plan.head_name if blocks_plan.head is not None else None,
+        "logit_transform": blocks_plan.transform.describe() if blocks_plan.transform is not None else [],
+        "blocked_mlps": list(blocks_plan.mlps),
+        "not_blocked": dict(blocks_plan.left_alone),
+    }
 
 
 def remember(model: nn.Module, state: PrepState) -> None:

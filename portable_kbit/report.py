@@ -42,6 +42,13 @@ class PrepReport:
     # the model's attention implementation after the call ("portable_kbit_sdpa" where prepare() switched it), and why
     attention: str | None = None
     attention_reason: str = ""
+    # token blocks (prepare(token_blocks=...)); defaults: not asked for
+    token_blocks: int | None = None  # tokens per block (None: no token blocks)
+    token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
+    blocked_head: str | None = None  # the output head whose logits and loss run in blocks (None: not blocked)
+    logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
+    blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
+    not_blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # module (or layer pattern) -> why not
 
     @property
     def allocated_delta(self) -> int | None:
@@ -102,5 +109,13 @@ class PrepReport:
         ]
         if self.attention_reason:
             lines.append(f"  attention: {self.attention} ({self.attention_reason})")
+        if self.token_blocks is not None:
+            head = "head and loss" if self.blocked_head else "no head"
+            transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""
+            lines.append(
+                f"  token blocks of {self.token_blocks} tokens ({self.token_blocks_source}): {head}{transform}, "
+                f"{len(self.blocked_mlps)} MLPs"
+            )
+            lines += [f"  not blocked: {name}: {why}" for name, why in self.not_blocked.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)

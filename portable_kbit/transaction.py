@@ -18,8 +18,9 @@ HOOK_DICTS = (
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks_always_called",
 )
-# instance attributes prepare() may set: transformers' input-gradient hooks, our fp32 forward for lm_head
-RESTORED_ATTRIBUTES = ("_require_grads_hook", "_require_grads_hooks", "forward")
+# instance attributes prepare() may set: transformers' input-gradient hooks, our fp32 forward for lm_head and the
+# blocked MLP forwards, the blocked loss_function (token blocks)
+RESTORED_ATTRIBUTES = ("_require_grads_hook", "_require_grads_hooks", "forward", "_loss_function")
 
 _MISSING = object()
 

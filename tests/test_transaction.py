@@ -2,10 +2,10 @@
 
 Fault injection: the k-th cast chunk fails (for every k of a multi-chunk plan: before the chunk, in its middle, after
 it), with an ordinary error, an out-of-memory error and a KeyboardInterrupt; then failures in the later steps
-(dtype-flow hooks, the fp32 attention switch, gradient checkpointing, input gradients, the report). Each time the
-whole model state (tests/model_state.py: every parameter's dtype and bits, requires_grad, hooks, training and
-checkpointing flags, config, attention implementations) is compared with a copy taken before the call, and the
-error carries the "restored" note. MemoryPressureError comes before any change.
+(dtype-flow hooks, the fp32 attention switch, token blocks, gradient checkpointing, input gradients, the report). Each
+time the whole model state (tests/model_state.py: every parameter's dtype and bits, requires_grad, hooks, training and
+checkpointing flags, config, attention implementations) is compared with a copy taken before the call, and the error
+carries the "restored" note. MemoryPressureError comes before any change.
 """
 
 from __future__ import annotations
@@ -179,8 +179,18 @@ def _partial_hooks_then_fail(norms, consumers, activations, *rest):
     raise InjectedFault("injected failure while installing hooks")
 
 
+def _blocks_then_fail(model, blocks_plan, transaction):
+    # the blocked head/loss and MLP forwards installed, their handles never returned (nor their undo step registered)
+    from portable_kbit import blocks
+
+    blocks.install(model, blocks_plan)
+    raise InjectedFault("injected failure while installing token blocks")
+
+
 STEPS = {
     "flow hooks (all installed)": ("install_flow_hooks", lambda original: _hooks_then_fail),
+    "token blocks": ("add_token_blocks", _fail_after),
+    "token blocks (handles lost)": ("add_token_blocks", lambda original: _blocks_then_fail),
     "flow hooks (half installed)": ("install_flow_hooks", lambda original: _partial_hooks_then_fail),
     "fp32 attention": ("install_fp32_attention", _fail_after),
     "gradient checkpointing": ("enable_gradient_checkpointing", _fail_after),
@@ -199,7 +209,13 @@ def test_failure_in_a_later_step_restores_everything(backend, device, arch, quan
     name, make = STEPS[step]
     monkeypatch.setattr(prepare_module, name, make(getattr(prepare_module, name)))
     with pytest.raises(InjectedFault) as raised:
-        portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], upcast=upcast, chunk_bytes=CHUNK_BYTES)
+        portable_kbit.prepare(
+            model,
+            target_modules=tiny.LORA_TARGETS[arch],
+            upcast=upcast,
+            chunk_bytes=CHUNK_BYTES,
+            token_blocks=64,  # the token blocks step installs something on every model here
+        )
     restored_note(raised.value)
     model_state.assert_unchanged(before, model, f"failure in {step}")
 

@@ -82,6 +82,14 @@ class Backend:
     unified_pressure_divisor: int = 8
     #: never below this, or a budget would mean one tiny tensor per chunk
     min_chunk_bytes: int = 1 * MiB
+    #: token blocks (prepare(token_blocks="auto")): tokens per block when memory is plentiful (the H100 measurements
+    #: of issue 17 used 1024), and the most bytes the widest temporary of one block (its fp32 logits) may take, on a
+    #: discrete device and on unified memory; fewer tokens under memory pressure (headroom / pressure divisor)
+    default_block_tokens: int = 1024
+    max_block_bytes: int = 256 * MiB
+    unified_max_block_bytes: int = 128 * MiB
+    min_block_tokens: int = 128
+    block_token_multiple: int = 64
 
     def available(self) -> bool:
         return self.why_unavailable() is None
@@ -153,3 +161,16 @@ class Backend:
             return default
         divisor = self.unified_pressure_divisor if unified else self.pressure_divisor
         return max(self.min_chunk_bytes, min(default, headroom // divisor))
+
+    def token_block_size(self, bytes_per_token: int, headroom: int | None, unified: bool) -> int:
+        """Tokens per block for the blocked head/loss and MLPs: the backend's default, fewer where one block's widest
+        temporary (`bytes_per_token` per token: 4 x vocab for fp32 logits) would pass the backend's cap or, under
+        memory pressure, headroom / the pressure divisor. A multiple of `block_token_multiple`, at least
+        `min_block_tokens`."""
+        cap = self.unified_max_block_bytes if unified else self.max_block_bytes
+        if headroom is not None:
+            divisor = self.unified_pressure_divisor if unified else self.pressure_divisor
+            cap = min(cap, headroom // divisor)
+        tokens = min(self.default_block_tokens, cap // max(1, bytes_per_token))
+        tokens -= tokens % self.block_token_multiple
+        return max(self.min_block_tokens, tokens)

@@ -1,0 +1,73 @@
+"""benchmarks/long_sequences.py: the fit search counts a length only when every shorter tested length fits, and
+refines a coarse search in steps of 256 (simulated results; the script itself runs on a CPU with --preset tiny)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequences.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("long_sequences", PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["long_sequences"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["long_sequences"]
+
+
+def simulate(search, fits_up_to: int, jobs: int = 1) -> list[int]:
+    """Run the search as the parent does, `jobs` lengths at a time; a length fits when <= fits_up_to."""
+    tested = []
+    while True:
+        batch = []
+        for _ in range(jobs):
+            length = search.next_length(set(batch))
+            if length is None:
+                break
+            batch.append(length)
+        if not batch:
+            return tested
+        for length in batch:
+            if not search.cancelled(length):
+                search.results[length] = {"fits": length <= fits_up_to}
+                tested.append(length)
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_fine_search_stops_at_the_first_failure(bench, jobs):
+    search = bench.FitSearch("v", 1024, 4096, coarse=0)
+    tested = simulate(search, fits_up_to=2304, jobs=jobs)
+    assert search.longest() == 2304 and search.first_failure() == 2560
+    assert max(tested) == 2560  # nothing longer than the first failure is counted
+
+
+def test_coarse_then_fine(bench):
+    search = bench.FitSearch("v", 1024, 8192, coarse=1024)
+    tested = simulate(search, fits_up_to=5376)
+    assert tested == [1024, 2048, 3072, 4096, 5120, 6144, 5376, 5632]
+    assert search.longest() == 5376
+
+
+def test_a_failure_below_a_fit_ends_the_count(bench):
+    search = bench.FitSearch("v", 1024, 2048, coarse=0)
+    search.results = {1024: {"fits": True}, 1280: {"fits": False}, 1536: {"fits": True}}
+    assert search.longest() == 1024
+
+
+def test_table_and_loss_gaps(bench):
+    fits = {"peft": {"longest": 1792}, "native+blocks": {"longest": 7680}}
+    times = [
+        {"variant": "native", "seq_len": 4096, "step_seconds": 2.0, "losses": [10.0, 9.0]},
+        {"variant": "native+blocks", "seq_len": 4096, "step_seconds": 2.2, "losses": [10.0, 9.0005]},
+    ]
+    text = bench.table(fits, times)
+    assert "7680 (4.29x peft)" in text and "2.200 (1.10x)" in text
+    assert bench.loss_gaps(times) == {"native+blocks@4096": pytest.approx(0.0005)}
