@@ -339,7 +339,10 @@ def test_the_environment_switch_is_parsed_strictly():
 
 def python(code_or_args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != patch.ENV_SWITCH}
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (env.pop("PYTHONPATH", ""), str(ROOT)) if p)
+    # the test's own entries first, then the repository, then what this process was given (where packages installed
+    # outside site-packages live, as on the GPU machine)
+    inherited = os.environ.get("PYTHONPATH", "")
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (env.pop("PYTHONPATH", ""), str(ROOT), inherited) if p)
     environ.update(env)
     return subprocess.run(
         [sys.executable, *code_or_args], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300
