@@ -399,17 +399,20 @@ def _trace(
         for name in firsts:
             # prepend: see the input before hooks of an earlier prepare() (a dtype guard) replace it with a cast copy
             handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True, prepend=True))
-        # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
-        # forward, a lasting change to a quantized weight. Flags are restored below.
-        model.train()
         if inputs_kind == "real":
+            # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the
+            # first forward, a lasting change to a quantized weight. Flags are restored below.
+            model.train()
             inputs = _trace_input(runner)
         else:
+            for module in index.modules.values():  # what train() sets, without its recursion (a ms on 7B models)
+                module.training = True
             _stub_weighted_modules(modules, stubbed)
             inputs = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device="meta")}
             if inputs_kind == "meta with a 4-D mask":
                 # Some mask builders inspect values (impossible on meta); a ready 4-D mask is passed through instead.
-                inputs["attention_mask"] = torch.ones((1, 1, 2, 2), dtype=torch.bool, device="meta").tril()
+                # Built on the CPU and moved: a first tril on meta runs a Python meta kernel (2 ms).
+                inputs["attention_mask"] = torch.ones((1, 1, 2, 2), dtype=torch.bool).tril().to("meta")
         with torch.no_grad():
             try:
                 runner(**inputs, use_cache=False)
