@@ -2,6 +2,8 @@
 
 from .backends import BackendUnavailableError, available_backends
 from .errors import MemoryPressureError
+from .forecast import Forecast, forecast
+from .guard import CannotCapWarning, MemoryGuard, memory_guard
 from .memory import MemorySnapshot, snapshot
 from .prepare import prepare, report
 from .report import PrepReport
@@ -10,11 +12,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CannotCapWarning",
+    "Forecast",
+    "MemoryGuard",
     "MemoryMonitor",
     "MemoryPressureError",
     "MemorySnapshot",
     "PrepReport",
     "available_backends",
+    "forecast",
+    "memory_guard",
     "prepare",
     "report",
     "snapshot",

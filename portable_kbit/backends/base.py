@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -97,6 +98,44 @@ class Backend:
         if stats.reserved is not None and stats.allocated is not None:
             cached_unused = max(0, stats.reserved - stats.allocated)
         return min(known) + cached_unused
+
+    # ---- allocator caps (memory_guard) -------------------------------------------------------------------------
+
+    def can_cap(self, device: torch.device) -> bool:
+        """Whether this device's allocator can be capped so that going over raises an out-of-memory error."""
+        return False
+
+    def memory_fraction(self, device: torch.device) -> float | None:
+        """The allocator's current cap as the backend's own fraction (see set_memory_fraction); None: no cap API."""
+        return None
+
+    def set_memory_fraction(self, device: torch.device, fraction: float) -> None:
+        """Cap the allocator at `fraction` of what the device's allocator measures against (torch's per-process
+        memory fraction)."""
+        raise NotImplementedError(
+            f"the {self.name} backend cannot cap its allocator: torch has no per-process memory limit for it"
+        )
+
+    def fraction_basis(self, device: torch.device) -> int | None:
+        """Bytes that an allocator fraction of 1.0 stands for (None: no cap API)."""
+        return None
+
+    def max_fraction(self) -> float:
+        """The largest fraction the allocator accepts."""
+        return 1.0
+
+    def guard_bytes(self, device: torch.device, fraction: float, host_total: int, host_available: int) -> int | None:
+        """Bytes that ``memory_guard(fraction)`` lets this process allocate: `fraction` of the device's memory
+        (None where the backend cannot cap). Unified backends size it from the host (see the subclasses)."""
+        basis = self.fraction_basis(device)
+        return None if basis is None else int(fraction * basis)
+
+    @contextlib.contextmanager
+    def preserved_rng(self, device: torch.device) -> Iterator[None]:
+        """Random number generator states put back after the block (a calibration step must not shift the user's
+        dropout masks). The CPU generator here; accelerators add their own."""
+        with torch.random.fork_rng(devices=[]):
+            yield
 
     def chunk_budget(self, headroom: int | None, unified: bool) -> int:
         """Bytes per cast chunk: the backend's default, shrunk under memory pressure."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psutil
 import torch
 
@@ -13,6 +16,10 @@ class CudaBackend(Backend):
     device_type = "cuda"
     default_chunk_bytes = 256 * MiB
     unified_chunk_bytes = 64 * MiB
+
+    def __init__(self) -> None:
+        # per device index: what set_memory_fraction last set (read back where torch has no getter)
+        self._fractions: dict[int, float] = {}
 
     def why_unavailable(self) -> str | None:
         if getattr(torch.version, "hip", None):
@@ -65,6 +72,47 @@ class CudaBackend(Backend):
                 torch.cuda.empty_cache()
         except RuntimeError:
             torch.cuda.empty_cache()
+
+    # ---- allocator caps -------------------------------------------------------------------------------------------
+
+    def can_cap(self, device: torch.device) -> bool:
+        return True
+
+    def memory_fraction(self, device: torch.device) -> float | None:
+        """torch.cuda.get_per_process_memory_fraction where this torch has it, else the last value set through this
+        backend (1.0, torch's default, if none)."""
+        index = self._index(device)
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if getter is not None:
+            try:
+                return float(getter(index))
+            except (RuntimeError, AssertionError, TypeError):
+                pass
+        return self._fractions.get(index, 1.0)
+
+    def set_memory_fraction(self, device: torch.device, fraction: float) -> None:
+        index = self._index(device)
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        self._fractions[index] = fraction
+
+    def fraction_basis(self, device: torch.device) -> int | None:
+        """The allocator's fraction is of the device's total memory (torch.cuda.get_device_properties)."""
+        return int(torch.cuda.get_device_properties(self._index(device)).total_memory)
+
+    def guard_bytes(self, device: torch.device, fraction: float, host_total: int, host_available: int) -> int | None:
+        """Discrete GPU: `fraction` of the device's total memory. Integrated (Jetson; APUs on ROCm): the device
+        memory is the host's RAM, and the device's own total may be only an aperture (HIP on APUs), so `fraction`
+        of the host's total memory (psutil), and never more than this process can have without swapping: the host's
+        available memory plus what the allocator already holds."""
+        if not self.is_unified(device):
+            return super().guard_bytes(device, fraction, host_total, host_available)
+        reserved = self._counter("memory_reserved", self._index(device)) or 0
+        return int(min(fraction * host_total, host_available + reserved))
+
+    @contextlib.contextmanager
+    def preserved_rng(self, device: torch.device) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self._index(device)]):
+            yield
 
     @staticmethod
     def _counter(name: str, index: int) -> int | None:
