@@ -36,7 +36,7 @@ from torch import nn
 from . import backends, memory
 from .backends import Target
 from .livebytes import LiveTensorBytes, is_fake, transformers_sees_no_tracing
-from .memory import GiB, MiB, human_bytes
+from .memory import MiB, human_bytes
 from .models import hf_model, input_embeddings
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096)
@@ -104,12 +104,12 @@ class Forecast:
     def summary(self) -> str:
         lines = [
             f"forecast on {self.device} ({self.method}), batch {self.batch_size}: "
-            f"budget {self.budget_bytes / GiB:.2f} GiB ({self.budget_source})"
+            f"budget {human_bytes(self.budget_bytes)} ({self.budget_source})"
         ]
         lines.append(f"  {'seq_len':>8}  {'predicted peak':>15}  fits  peak in")
         for seq_len, peak in sorted(self.peak_bytes.items()):
             verdict = "yes" if peak <= self.budget_bytes else "no"
-            lines.append(f"  {seq_len:>8}  {peak / GiB:>11.2f} GiB  {verdict:<4}  {self.peak_phase.get(seq_len, '')}")
+            lines.append(f"  {seq_len:>8}  {human_bytes(peak):>15}  {verdict:<4}  {self.peak_phase.get(seq_len, '')}")
         longest = "none (not even 256 tokens)" if self.longest_seq_len is None else str(self.longest_seq_len)
         lines.append(f"longest sequence that fits: {longest} (multiples of {SEQ_LEN_STEP}, up to {self.max_seq_len})")
         if self.calibration is not None:
@@ -303,7 +303,13 @@ def check_request(
 def _target_of(model: nn.Module, device: str | torch.device) -> Target:
     with torch._C.DisableTorchFunctionSubclass():
         first = next(model.parameters()).device
-    return backends.resolve(device, first)
+    target = backends.resolve(device, first)
+    if target.device.type != first.type:
+        raise ValueError(
+            f"the model is on {first} but device={device!r}: forecast() predicts a step where the model is; pass "
+            "device='auto' or move the model first"
+        )
+    return target
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -398,9 +404,10 @@ def _default_foreach(params: Sequence[torch.Tensor]) -> bool | None:
 
 def _forward_backward(model: nn.Module, ids: torch.Tensor, tracker: LiveTensorBytes) -> None:
     tracker.phase = "forward"
-    loss = model(input_ids=ids, labels=ids).loss
-    tracker.phase = "backward"
-    loss.backward()
+    with torch.enable_grad():  # a training step, even if the caller is under no_grad
+        loss = model(input_ids=ids, labels=ids).loss
+        tracker.phase = "backward"
+        loss.backward()
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, tracker: LiveTensorBytes) -> None:
