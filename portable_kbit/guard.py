@@ -130,13 +130,15 @@ def memory_guard(
     basis = backend.fraction_basis(where)
     if not basis:
         raise RuntimeError(f"memory_guard: the {backend.name} backend could not say how much memory {where} has")
-    if cap_bytes is None:
-        assert share is not None
+    if share is not None:
         virtual = psutil.virtual_memory()
-        cap_bytes = backend.guard_bytes(where, share, int(virtual.total), int(virtual.available))
+        allocator_fraction, cap_bytes = backend.guard_fraction(
+            where, share, int(virtual.total), int(virtual.available)
+        )
+    else:
         assert cap_bytes is not None
-    cap_bytes = min(cap_bytes, basis)  # the allocator cannot be allowed more than the device has
-    allocator_fraction = min(backend.max_fraction(), 1.0, cap_bytes / basis)
+        cap_bytes = min(cap_bytes, basis)  # the allocator cannot be allowed more than the device has
+        allocator_fraction = cap_bytes / basis
     previous = backend.memory_fraction(where)
     backend.set_memory_fraction(where, allocator_fraction)
 

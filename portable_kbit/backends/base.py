@@ -124,11 +124,15 @@ class Backend:
         """The largest fraction the allocator accepts."""
         return 1.0
 
-    def guard_bytes(self, device: torch.device, fraction: float, host_total: int, host_available: int) -> int | None:
-        """Bytes that ``memory_guard(fraction)`` lets this process allocate: `fraction` of the device's memory
-        (None where the backend cannot cap). Unified backends size it from the host (see the subclasses)."""
+    def guard_fraction(
+        self, device: torch.device, fraction: float, host_total: int, host_available: int
+    ) -> tuple[float, int]:
+        """(allocator fraction, bytes) that ``memory_guard(fraction)`` sets: `fraction` of what the allocator
+        measures against. Unified backends size it from the host (see the subclasses)."""
         basis = self.fraction_basis(device)
-        return None if basis is None else int(fraction * basis)
+        if basis is None:
+            raise NotImplementedError(f"the {self.name} backend cannot cap its allocator")
+        return fraction, int(fraction * basis)
 
     @contextlib.contextmanager
     def preserved_rng(self, device: torch.device) -> Iterator[None]:

@@ -99,15 +99,19 @@ class CudaBackend(Backend):
         """The allocator's fraction is of the device's total memory (torch.cuda.get_device_properties)."""
         return int(torch.cuda.get_device_properties(self._index(device)).total_memory)
 
-    def guard_bytes(self, device: torch.device, fraction: float, host_total: int, host_available: int) -> int | None:
+    def guard_fraction(
+        self, device: torch.device, fraction: float, host_total: int, host_available: int
+    ) -> tuple[float, int]:
         """Discrete GPU: `fraction` of the device's total memory. Integrated (Jetson; APUs on ROCm): the device
         memory is the host's RAM, and the device's own total may be only an aperture (HIP on APUs), so `fraction`
         of the host's total memory (psutil), and never more than this process can have without swapping: the host's
         available memory plus what the allocator already holds."""
         if not self.is_unified(device):
-            return super().guard_bytes(device, fraction, host_total, host_available)
+            return super().guard_fraction(device, fraction, host_total, host_available)
         reserved = self._counter("memory_reserved", self._index(device)) or 0
-        return int(min(fraction * host_total, host_available + reserved))
+        basis = int(self.fraction_basis(device) or 0)
+        cap = int(min(fraction * host_total, host_available + reserved, basis))
+        return min(1.0, cap / basis), cap
 
     @contextlib.contextmanager
     def preserved_rng(self, device: torch.device) -> Iterator[None]:
