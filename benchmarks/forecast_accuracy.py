@@ -86,6 +86,9 @@ def child_measure(args: argparse.Namespace) -> None:
         {
             "kind": "forecast",
             "variant": args.variant,
+            "checkpoint": args.checkpoint,
+            "quantizer": args.quantizer,
+            "lora_rank": args.lora_rank,
             "forecast_seconds": round(seconds, 3),
             "forecast_device_bytes": device_bytes,
             **forecast.to_dict(),
@@ -267,7 +270,7 @@ def parent(args: argparse.Namespace) -> int:
         total = target.backend.fraction_basis(target.device) or 0
         cap_bytes = int(0.9 * total / min(jobs, len(variants))) or None
     print(f"# {args.preset} on {args.device}: {', '.join(variants)}, {jobs} at a time", file=sys.stderr)
-    lines = open(out / "forecast_accuracy.jsonl", "a")
+    lines = open(out / "forecast_accuracy.jsonl", "w")
 
     def log(record: dict) -> None:
         record = {**record, "preset": args.preset, "elapsed": round(time.perf_counter() - started, 1)}
@@ -282,8 +285,26 @@ def parent(args: argparse.Namespace) -> int:
         lines.close()
     summaries = [r for records in results for r in records if r.get("kind") == "summary"]
     print(table(summaries))
+    everything = [r for records in results for r in records]
+    try:
+        print(f"plot: {plot(everything, str(out / 'forecast_accuracy.png'))}", file=sys.stderr)
+    except ImportError as error:
+        print(f"# no plot: {error}", file=sys.stderr)
     print(f"# done in {time.perf_counter() - started:.0f} s; {out / 'forecast_accuracy.jsonl'}", file=sys.stderr)
     return 0 if len(summaries) == len(variants) else 1
+
+
+def plot(records: list[dict], path: str) -> str:
+    """Predicted peak against length per variant, the budget line, measured peaks (x) and failed probes."""
+    from portable_kbit import fit
+
+    shown = []
+    for record in records:
+        if record.get("kind") == "forecast":
+            shown.append({**record, "mode": record["variant"]})
+        elif record.get("kind") in ("measured", "probe"):
+            shown.append({**record, "kind": "verify", "mode": record["variant"]})
+    return fit.plot(shown, path)
 
 
 def table(summaries: list[dict]) -> str:

@@ -167,6 +167,10 @@ def forecast(
     notes: list[str] = []
     budget, budget_source = (budget_bytes, "argument") if budget_bytes is not None else _default_budget(before, model)
     token = token_for(model)
+    with torch._C.DisableTorchFunctionSubclass():
+        devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) > 1:
+        notes.append(f"the model spans {', '.join(devices)}: only {target.device}'s tensors are counted")
 
     predictor: Predictor | None = None
     fake_error: str | None = None
@@ -186,8 +190,17 @@ def forecast(
     fit: dict[str, float] | None = None
     if predictor is not None:
         offset = 0
+        measured: MeasuredStep | None = None
         if calibrate:
-            measured = measure_step(model, target, calibration_len, batch_size, token)
+            try:
+                measured = measure_step(model, target, calibration_len, batch_size, token)
+            except torch.OutOfMemoryError:
+                target.backend.release(target.device)
+                notes.append(
+                    f"the calibration step ({calibration_len} tokens) ran out of memory: the predictions are tensor "
+                    "accounting only, and not even the shortest step fits now"
+                )
+        if measured is not None:
             tracked = predictor.peak(calibration_len)
             offset = measured.peak_bytes - tracked
             calibration = {
@@ -200,7 +213,7 @@ def forecast(
             }
             device_bytes = measured.device_bytes
             notes += measured.notes
-        method_name = "fake step + calibration" if calibrate else "fake step"
+        method_name = "fake step + calibration" if measured is not None else "fake step"
 
         def predict(seq_len: int) -> int:
             assert predictor is not None

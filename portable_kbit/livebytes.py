@@ -210,8 +210,10 @@ class LiveTensorBytes(TorchDispatchMode):
         if is_fake(value):
             real = self._shadows.get(value)
             return (real is not None), real
-        small = value.numel() <= SHADOW_INTEGER_ELEMENTS
-        return small, value.detach().to("cpu", copy=True) if small else None  # a copy: the op may write to it
+        # a real tensor read by the op: copied (the op may write to it); from an accelerator only when tiny
+        limit = SHADOW_INTEGER_ELEMENTS if value.device.type == "cpu" else SHADOW_FLOAT_ELEMENTS
+        small = value.numel() <= limit
+        return small, value.detach().to("cpu", copy=True) if small else None
 
     def _real_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         flat, spec = tree_flatten((args, kwargs))

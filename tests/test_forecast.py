@@ -75,6 +75,23 @@ def test_small_preset_prediction_at_an_uncalibrated_length_is_within_15_percent(
     assert abs(result.peak_bytes[384] / real - 1) <= 0.15, (result.peak_bytes[384], real)
 
 
+def test_gradient_checkpointing_is_honoured(four_layers):
+    """transformers checkpoints only in training mode: the forecast runs its step in training mode, so a model
+    prepared with checkpointing is predicted to need less than the same model without, as measured."""
+    with_checkpointing = trainable_model(four_layers)
+    without = tiny.load(four_layers, "bnb-nf4", "cpu")
+    without = portable_kbit.prepare(without, "cpu", target_modules=TARGETS, use_gradient_checkpointing=False)
+    without = get_peft_model(without, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
+    with_checkpointing.eval()  # the caller's mode does not matter: the step trains
+    predicted = [
+        portable_kbit.forecast(m, seq_lens=(256,), budget_bytes=1 << 30, calibrate=False).peak_bytes[256]
+        for m in (with_checkpointing, without)
+    ]
+    assert predicted[0] < predicted[1]
+    assert predicted == pytest.approx([measured(with_checkpointing, 256), measured(without, 256)], rel=0.01)
+    assert not with_checkpointing.training  # and it is put back
+
+
 def test_fake_step_with_sampled_layers_equals_all_layers(four_layers):
     model = trainable_model(four_layers)
     token = forecasting.token_for(model)
@@ -90,6 +107,18 @@ def test_without_calibration_nothing_runs_for_real(monkeypatch):
     monkeypatch.setattr(forecasting, "measure_step", lambda *a, **k: pytest.fail("a real step ran"))
     result = portable_kbit.forecast(model, seq_lens=(32,), budget_bytes=1 << 30, calibrate=False)
     assert result.method == "fake step" and result.calibration is None and result.device_bytes is None
+
+
+def test_a_calibration_step_that_runs_out_of_memory_leaves_tensor_accounting(monkeypatch):
+    model = trainable_model(tiny.checkpoint("llama"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("stand-in: no room for 64 tokens")
+
+    monkeypatch.setattr(forecasting, "measure_step", out_of_memory)
+    result = portable_kbit.forecast(model, seq_lens=(64,), budget_bytes=1 << 30)
+    assert result.method == "fake step" and result.calibration is None
+    assert any("ran out of memory" in note for note in result.notes)
 
 
 def test_falls_back_to_real_steps_when_the_fake_step_cannot_run(monkeypatch):
