@@ -61,7 +61,8 @@ class Forecast:
         not even 256 tokens fit.
     budget_bytes / budget_source: the budget, and where it came from ("argument", or what the device can take now).
     method: "fake step + calibration", "fake step" (calibrate=False) or "extrapolated from real steps".
-    calibration: the real step: seq_len, measured_bytes, tracked_bytes (the fake count at that length), offset_bytes.
+    calibration: the real step: seq_len, measured_bytes, tracked_bytes (the fake count at that length), offset_bytes
+        (added to every prediction), measured_by, live_tensor_bytes, device_bytes.
     static_bytes: bytes of the tensors that exist before the step (weights, quantization statistics, the batch).
     peak_phase: {seq_len: "forward" | "backward" | "optimizer"}: where the peak falls (fake step only).
     predictions: every length predicted, the search for longest_seq_len included (for plots).
@@ -172,64 +173,31 @@ def forecast(
     if len(devices) > 1:
         notes.append(f"the model spans {', '.join(devices)}: only {target.device}'s tensors are counted")
 
-    predictor: Predictor | None = None
-    fake_error: str | None = None
-    if method in ("auto", "fake"):
-        fake = FakeSteps(model, target.device, batch_size, token)
-        try:
-            fake.peak(calibration_len)
-            predictor = fake
-        except Exception as error:
-            if method == "fake":
-                raise
-            fake_error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-            notes.append(f"the fake step could not run ({fake_error}); extrapolated from real steps instead")
-
+    predictor = fake_steps(model, target, batch_size, token, calibration_len, method, notes)
     calibration: dict[str, Any] | None = None
     device_bytes: int | None = None
     fit: dict[str, float] | None = None
     if predictor is not None:
-        offset = 0
-        measured: MeasuredStep | None = None
         if calibrate:
-            try:
-                measured = measure_step(model, target, calibration_len, batch_size, token)
-            except torch.OutOfMemoryError:
-                target.backend.release(target.device)
-                notes.append(
-                    f"the calibration step ({calibration_len} tokens) ran out of memory: the predictions are tensor "
-                    "accounting only, and not even the shortest step fits now"
-                )
-        if measured is not None:
-            tracked = predictor.peak(calibration_len)
-            offset = measured.peak_bytes - tracked
-            calibration = {
-                "seq_len": calibration_len,
-                "measured_bytes": measured.peak_bytes,
-                "tracked_bytes": tracked,
-                "offset_bytes": offset,
-                "measured_by": measured.source,
-                "live_tensor_bytes": measured.live_tensor_peak,
-            }
-            device_bytes = measured.device_bytes
-            notes += measured.notes
-        method_name = "fake step + calibration" if measured is not None else "fake step"
+            calibration = calibrate_on_device(model, target, predictor, calibration_len, batch_size, token, notes)
+        offset = calibration["offset_bytes"] if calibration is not None else 0
+        device_bytes = calibration["device_bytes"] if calibration is not None else None
+        method_name = "fake step + calibration" if calibration is not None else "fake step"
+        static_bytes = predictor.static_bytes
 
         def predict(seq_len: int) -> int:
             assert predictor is not None
             return predictor.peak(seq_len) + offset
 
-        static_bytes: int | None = predictor.static_bytes
     else:
         fit, device_bytes, fit_notes = extrapolate(model, target, calibration_len, batch_size, token)
         notes += fit_notes
         method_name = "extrapolated from real steps"
+        static_bytes = None
 
         def predict(seq_len: int) -> int:
             assert fit is not None
             return int(fit["a"] + fit["b"] * seq_len + fit["c"] * seq_len * seq_len)
-
-        static_bytes = None
 
     predictions: dict[int, int] = {}
 
@@ -262,6 +230,58 @@ def forecast(
         seconds=round(time.perf_counter() - started, 3),
         notes=notes,
     )
+
+
+def fake_steps(
+    model: nn.Module, target: Target, batch_size: int, token: int, first_len: int, method: str, notes: list[str]
+) -> FakeSteps | None:
+    """The fake-step predictor, tried once at `first_len`; None (with a note) where it cannot run and `method`
+    allows falling back."""
+    if method == "extrapolate":
+        return None
+    fake = FakeSteps(model, target.device, batch_size, token)
+    try:
+        fake.peak(first_len)
+    except Exception as error:
+        if method == "fake":
+            raise
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        notes.append(f"the fake step could not run ({reason}); extrapolated from real steps instead")
+        return None
+    return fake
+
+
+def calibrate_on_device(
+    model: nn.Module,
+    target: Target,
+    predictor: FakeSteps,
+    seq_len: int,
+    batch_size: int,
+    token: int,
+    notes: list[str],
+) -> dict[str, Any] | None:
+    """One real step at `seq_len`: what it measured, what the fake step counted, and the difference (added to every
+    prediction). None where it ran out of memory (noted: the predictions stay tensor accounting only)."""
+    try:
+        measured = measure_step(model, target, seq_len, batch_size, token)
+    except torch.OutOfMemoryError:
+        target.backend.release(target.device)
+        notes.append(
+            f"the calibration step ({seq_len} tokens) ran out of memory: the predictions are tensor accounting only, "
+            "and not even the shortest step fits now"
+        )
+        return None
+    notes += measured.notes
+    tracked = predictor.peak(seq_len)
+    return {
+        "seq_len": seq_len,
+        "measured_bytes": measured.peak_bytes,
+        "tracked_bytes": tracked,
+        "offset_bytes": measured.peak_bytes - tracked,
+        "measured_by": measured.source,
+        "live_tensor_bytes": measured.live_tensor_peak,
+        "device_bytes": measured.device_bytes,
+    }
 
 
 # ---- checks (nothing runs before these pass) -------------------------------------------------------------------
@@ -429,13 +449,6 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, tracker: LiveTensorBytes) 
     optimizer.zero_grad(set_to_none=True)
 
 
-class Predictor:
-    static_bytes: int | None = None
-
-    def peak(self, seq_len: int) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerSample:
     """The decoder's repeated layers, and how many of them a fake step needs: the peak of a step is affine in the
@@ -500,7 +513,7 @@ def repeated_layers(model: nn.Module) -> LayerSample | None:
     return None
 
 
-class FakeSteps(Predictor):
+class FakeSteps:
     """Fake training steps of one model on one device, memoised per length: peak bytes of live tensors.
 
     With `sample_layers` (default) a stack of identical decoder layers runs with `period` and 2 x `period` of its
