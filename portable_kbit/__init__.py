@@ -2,6 +2,8 @@
 
 from .backends import BackendUnavailableError, available_backends
 from .errors import MemoryPressureError
+from .forecast import Forecast, forecast
+from .guard import CannotCapWarning, MemoryGuard, memory_guard
 from .memory import MemorySnapshot, snapshot
 from .patch import PeftPatch, patch_peft
 from .patch import apply_environment_switch as _apply_environment_switch
@@ -12,12 +14,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CannotCapWarning",
+    "Forecast",
+    "MemoryGuard",
     "MemoryMonitor",
     "MemoryPressureError",
     "MemorySnapshot",
     "PeftPatch",
     "PrepReport",
     "available_backends",
+    "forecast",
+    "memory_guard",
     "patch_peft",
     "prepare",
     "report",

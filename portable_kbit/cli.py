@@ -1,4 +1,4 @@
-"""The `portable-kbit` console script (also `python -m portable_kbit`): env, demo, compare."""
+"""The `portable-kbit` console script (also `python -m portable_kbit`): env, demo, compare, fit."""
 
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the console script (its subcommands: env, demo, compare)."""
-    from . import compare
+    """The argument parser of the console script (its subcommands: env, demo, compare, fit)."""
+    from . import presets
+    from .compare import DEFAULT_VARIANTS, VARIANTS
+    from .forecast import DEFAULT_SEQ_LENS
+    from .prepare import ACTIVATIONS
 
     parser = argparse.ArgumentParser(prog="portable-kbit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portable-kbit {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{env,demo,compare}")
+    commands = parser.add_subparsers(dest="command", metavar="{env,demo,compare,fit}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "path_or_preset",
-        help=f"a local checkpoint folder or a preset: {', '.join(compare.PRESETS)} "
+        help=f"a local checkpoint folder or a preset: {', '.join(presets.PRESETS)} "
         "(random bf16 weights built locally and cached)",
     )
     comp.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
@@ -82,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seq-len", type=int, default=None, help="tokens per step (default: the preset's; 512)")
     comp.add_argument(
         "--variants",
-        default=",".join(compare.DEFAULT_VARIANTS),
-        help=f"comma-separated, from: {', '.join(compare.VARIANTS)} (default: {','.join(compare.DEFAULT_VARIANTS)})",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
     comp.add_argument(
         "--quantizer",
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-fraction",
         type=float,
         default=None,
-        help="cap each variant's GPU allocator at this fraction of the device (CUDA/ROCm only)",
+        help="cap each variant's allocator at this fraction of the device (CUDA, ROCm, MPS)",
     )
     comp.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
     comp.add_argument(
@@ -114,6 +117,51 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--data-seed", type=int, default=1, help=argparse.SUPPRESS)
     comp.add_argument("--build-preset", action="store_true", help=argparse.SUPPRESS)
     comp.set_defaults(run=run_compare)
+
+    fit = command(
+        "fit",
+        "Will it fit? Per activations mode: load, prepare, LoRA r16, forecast the training-step peak per sequence "
+        "length and the longest length under a budget; a table, a plot, and with --verify real steps in fresh "
+        "processes.",
+    )
+    fit.add_argument(
+        "path_or_preset",
+        help=f"a local checkpoint folder or a preset: {', '.join(presets.PRESETS)} (random bf16 weights, cached)",
+    )
+    fit.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
+    fit.add_argument("--quantizer", default=None, help="e.g. bnb-nf4 (default: the first that works here)")
+    fit.add_argument(
+        "--activations",
+        default=",".join(ACTIVATIONS),
+        help=f"comma-separated prepare(activations=...) modes, from: {', '.join(ACTIVATIONS)} (default: all)",
+    )
+    fit.add_argument(
+        "--budget",
+        default=None,
+        help="memory the step may use, e.g. 8GiB, 7.5G, 512MiB or bytes (default: what the device can take now)",
+    )
+    fit.add_argument(
+        "--seq-lens",
+        default=",".join(map(str, DEFAULT_SEQ_LENS)),
+        help=f"comma-separated lengths to forecast (default {','.join(map(str, DEFAULT_SEQ_LENS))})",
+    )
+    fit.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    fit.add_argument("--lora-rank", type=int, default=16, help="LoRA r on the attention projections (default 16)")
+    fit.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run real steps at the lengths forecast to fit, each in a fresh process capped at the budget "
+        "(memory_guard) where the device can be capped",
+    )
+    fit.add_argument("--plot", default=None, metavar="FILE.png", help="draw predicted peak vs length (matplotlib)")
+    fit.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
+    fit.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where presets are saved (default: $PORTABLE_KBIT_CACHE or ~/.cache/portable_kbit)",
+    )
+    fit.add_argument("--verify-one", type=int, default=None, help=argparse.SUPPRESS)  # one length, in this process
+    fit.set_defaults(run=run_fit)
     return parser
 
 
@@ -122,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def environment(probe: bool = True) -> dict[str, Any]:
     """What `portable-kbit env` reports, as a dict."""
-    from . import backends, compare, memory, quantizers
+    from . import backends, memory, presets, quantizers
 
     listed = []
     for name in backends.REGISTRY:
@@ -171,7 +219,7 @@ def environment(probe: bool = True) -> dict[str, Any]:
         default_quantizer = None
     return {
         "portable_kbit": __version__,
-        "versions": compare.versions(),
+        "versions": presets.versions(),
         "backends": listed,
         "quantizers": probes,
         "default": {"backend": default_backend, "quantizer": default_quantizer},
@@ -256,10 +304,10 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     """`portable-kbit compare`: every variant in a fresh process, JSON lines, a table, a plot; internally also one
     variant in this process (--variant) or building a preset (--build-preset)."""
-    from . import compare
+    from . import compare, presets
 
     if args.build_preset:
-        print(compare.build_preset(args.path_or_preset, args.cache_dir, device=args.device))
+        print(presets.build_preset(args.path_or_preset, args.cache_dir, device=args.device))
         return 0
     if args.variant is not None:  # one variant in this (fresh) process: JSON lines on stdout
 
@@ -316,6 +364,83 @@ def run_compare(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"plot: {args.plot}")
     return 0 if records else 1
+
+
+# ---- fit ------------------------------------------------------------------------------------------------------------
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """`portable-kbit fit`: a forecast per activations mode (in this process, one after another), a table, a plot;
+    with --verify, real steps at the lengths that fit, each in a fresh process. Internally (--verify-one) one real
+    step in this process. Every argument is checked before anything loads."""
+    from . import fit, presets
+
+    modes = fit.activation_modes(args.activations)
+    lengths = fit.parse_lengths(args.seq_lens)
+    budget = fit.parse_bytes(args.budget) if args.budget is not None else None
+    for name, value in (("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank)):
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive int, not {value}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
+        raise ImportError("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
+    if args.verify_one is not None:  # one real step in this (fresh) process: one JSON line on stdout
+        record = fit.verify_length(
+            args.path_or_preset,
+            modes[0],
+            args.verify_one,
+            args.device,
+            args.quantizer,
+            args.batch_size,
+            budget,
+            args.lora_rank,
+        )
+        print(json.dumps(record), flush=True)
+        return 0
+    path = presets.materialize(args.path_or_preset, args.cache_dir, args.device)
+    out = open(args.json_out, "w") if args.json_out else None
+    records: list[dict] = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        line = json.dumps(record)
+        if args.json:
+            print(line, flush=True)
+        if out is not None:
+            out.write(line + "\n")
+            out.flush()
+
+    try:
+        for mode in modes:
+            forecast_record = fit.forecast_mode(
+                path, mode, args.device, args.quantizer, lengths, args.batch_size, budget, args.lora_rank
+            )
+            emit(forecast_record)
+            if not args.verify:
+                continue
+            for seq_len in fit.verify_lengths(forecast_record):
+                emit(
+                    fit.verify_in_subprocess(
+                        path,
+                        mode,
+                        seq_len,
+                        args.device,
+                        forecast_record["quantizer"],
+                        args.batch_size,
+                        forecast_record["budget_bytes"],
+                        args.lora_rank,
+                    )
+                )
+    finally:
+        if out is not None:
+            out.close()
+    if not args.json:
+        print(fit.table(records))
+    if args.plot:
+        fit.plot(records, args.plot)
+        if not args.json:
+            print(f"plot: {args.plot}")
+    failed = [r for r in records if r.get("kind") == "verify" and not r.get("fits")]
+    return 1 if failed else 0
 
 
 @contextlib.contextmanager

@@ -14,6 +14,15 @@ from . import backends
 from .backends import Target
 
 MiB = 1 << 20
+GiB = 1 << 30
+
+
+def human_bytes(value: float) -> str:
+    """'7.50 GiB', '512.0 MiB', '3.2 KiB', '12 B': the unit that keeps the number readable."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}" if unit == "GiB" else f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Console-script runs shared between test files: the README's commands and tests/test_cli.py run the same
-`portable-kbit compare` once per session (each variant is a fresh process: seconds each on a 2-core CPU)."""
+`portable-kbit compare` and `portable-kbit fit` once per session (each compare variant is a fresh process: seconds
+each on a 2-core CPU)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ README_COMPARE = (
 )
 
 
+#: in README.md's "Will it fit?" block and checked by tests/test_cli.py
+README_FIT = (
+    "fit",
+    "tiny",
+    "--quantizer",
+    "bnb-nf4",
+    "--budget",
+    "4MiB",
+    "--seq-lens",
+    "64,128,256",
+    "--plot",
+    "fit.png",
+    "--json-out",
+    "fit.jsonl",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     code: int
@@ -41,7 +59,7 @@ def run_once(argv: tuple[str, ...]) -> Run:
     """cli.main(argv) in a fresh working directory, once per session per argv; presets cached in that directory."""
     workdir = Path(tempfile.mkdtemp(prefix="portable_kbit_cli_"))
     args = list(argv)
-    if args[:1] == ["compare"] and "--cache-dir" not in args:
+    if args[:1] in (["compare"], ["fit"]) and "--cache-dir" not in args:
         args += ["--cache-dir", str(workdir / "cache")]
     out, err = io.StringIO(), io.StringIO()
     previous = os.getcwd()

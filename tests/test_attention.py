@@ -405,3 +405,18 @@ def test_the_benchmark_runs_on_cpu(capsys):
     assert all(not r["oom"] and r["kernel"] is not None and r["ms"] > 0 for r in records), records
     ours = next(r for r in records if r["variant"] == "ours-fp32")
     assert ours["expanded"] is CpuBackend().fp32_attention_needs_expanded_kv(*gqa_tensors(), None, 0.0, True)
+
+
+def test_the_kernel_choice_under_fake_tensors_is_the_real_one():
+    """The memory forecast runs its step under FakeTensorMode, where torch's dispatcher answers MATH for every call:
+    the backend must decide as for the real tensors, or the forecast predicts a path the real step does not take."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from portable_kbit.backends.base import sdpa_kernel_choice
+
+    q = torch.randn(1, 4, 256, 32, requires_grad=True)
+    k = torch.randn(1, 2, 256, 32, requires_grad=True)
+    real = sdpa_kernel_choice(q, k, k, None, 0.0, True, enable_gqa=True)
+    with FakeTensorMode() as mode:
+        fake = sdpa_kernel_choice(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(k), None, 0.0, True, True)
+    assert real is not None and fake == real

@@ -542,3 +542,149 @@ def test_memory_pressure_from_measured_host_memory(backend, device, monkeypatch)
         portable_kbit.prepare(model, backend, upcast="peft")
     assert_same_state(before, model_state(model))
     assert portable_kbit.report(model) is None
+
+
+# ---- memory_guard: caps through the Backend ---------------------------------------------------------------------
+
+
+class FractionCalls(list):
+    """Records (fraction, device) of every allocator cap set through a stand-in."""
+
+    def setter(self, *args):
+        self.append(args)
+
+
+@pytest.fixture
+def cuda_caps(monkeypatch):
+    """torch.cuda's per-process fraction stood in for: a getter that returns what was set last (1.0 at first)."""
+    calls = FractionCalls()
+    current = {"fraction": 1.0}
+
+    def set_fraction(fraction, device=None):
+        calls.setter(fraction, device)
+        current["fraction"] = fraction
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: current["fraction"])
+    for name in ("cuda", "rocm"):
+        monkeypatch.setattr(backends.get(name), "_fractions", {})
+    return calls
+
+
+@pytest.fixture
+def mps_caps(monkeypatch, fake_mps):
+    _calls, set_version = fake_mps
+    set_version((2, 12))
+    calls = FractionCalls()
+    monkeypatch.setattr(torch.mps, "set_per_process_memory_fraction", lambda fraction: calls.setter(fraction))
+    monkeypatch.setattr(backends.get("mps"), "_fraction", None)
+    monkeypatch.delenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", raising=False)
+    return calls
+
+
+def test_guard_on_a_discrete_gpu_is_a_fraction_of_the_device_and_restores(monkeypatch, host, cuda_caps):
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    with portable_kbit.memory_guard(0.5, "cuda") as guard:
+        assert guard.capped and guard.previous == 1.0
+        assert guard.allocator_fraction == 0.5 and guard.cap_bytes == CUDA_TOTAL // 2
+        assert cuda_caps == [(0.5, 0)]
+    assert cuda_caps == [(0.5, 0), (1.0, 0)]
+    guard.restore()  # once only
+    assert len(cuda_caps) == 2
+
+
+def test_guard_as_a_plain_call_returns_the_previous_setting_and_nests(monkeypatch, host, cuda_caps):
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    outer = portable_kbit.memory_guard(0.8, "cuda:0")
+    assert outer.previous == 1.0 and cuda_caps[-1] == (0.8, 0)
+    with portable_kbit.memory_guard(cap_bytes=4 * GiB, device="cuda") as inner:
+        assert inner.previous == 0.8 and inner.allocator_fraction == 0.25 and inner.cap_bytes == 4 * GiB
+    assert cuda_caps[-1] == (0.8, 0)  # the outer cap is back
+    outer.restore()
+    assert cuda_caps[-1] == (1.0, 0)
+
+
+def test_guard_without_a_fraction_getter_restores_what_it_set(monkeypatch, host, cuda_caps):
+    """torch before get_per_process_memory_fraction: the backend remembers what it set (1.0 at first)."""
+    fake_cuda(monkeypatch, hip=None, integrated=False, accelerator="absent")
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    with portable_kbit.memory_guard(0.6, "cuda"):
+        with portable_kbit.memory_guard(0.3, "cuda") as inner:
+            assert inner.previous == 0.6
+        assert cuda_caps[-1] == (0.6, 0)
+    assert cuda_caps[-1] == (1.0, 0)
+
+
+@pytest.mark.parametrize("name, hip", [("cuda", None), ("rocm", "6.2.41133")], ids=["jetson", "rocm-apu"])
+def test_guard_on_unified_memory_is_sized_from_the_host(monkeypatch, host, cuda_caps, name, hip):
+    fake_cuda(monkeypatch, hip=hip, integrated=True)
+    # 0.9 of the host's 32 GiB would run into swap: the cap stops at available (9 GiB) + what the allocator holds
+    with portable_kbit.memory_guard(0.9, name) as guard:
+        assert guard.cap_bytes == HOST_AVAILABLE + CUDA_RESERVED
+        assert guard.allocator_fraction == pytest.approx((HOST_AVAILABLE + CUDA_RESERVED) / CUDA_TOTAL)
+    host.available = 31 * GiB  # plenty available: 0.25 of the host's total
+    with portable_kbit.memory_guard(0.25, name) as guard:
+        assert guard.cap_bytes == 8 * GiB and guard.allocator_fraction == 0.5
+    host.available = 30 * GiB  # more than the device reports (an APU's aperture): capped at the device's total
+    with portable_kbit.memory_guard(0.9, name) as guard:
+        assert guard.cap_bytes == CUDA_TOTAL and guard.allocator_fraction == 1.0
+    assert cuda_caps[-1] == (1.0, 0)
+
+
+def test_guard_on_a_discrete_rocm_gpu_is_a_fraction_of_the_device(monkeypatch, host, cuda_caps):
+    fake_cuda(monkeypatch, hip="6.2.41133", integrated=False)
+    with portable_kbit.memory_guard(0.75, "rocm") as guard:
+        assert guard.backend == "rocm" and guard.cap_bytes == int(0.75 * CUDA_TOTAL)
+        assert cuda_caps == [(0.75, 0)]
+
+
+def test_guard_on_mps_uses_metal_working_set_and_restores_the_high_watermark(monkeypatch, mps_caps):
+    with portable_kbit.memory_guard(0.8, "mps") as guard:
+        assert guard.capped and guard.previous == 1.7  # torch's default high watermark ratio
+        assert guard.cap_bytes == int(0.8 * MPS_RECOMMENDED) and guard.allocator_fraction == 0.8
+        assert mps_caps == [(0.8,)]
+    assert mps_caps == [(0.8,), (1.7,)]
+    monkeypatch.setenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "1.3")
+    monkeypatch.setattr(backends.get("mps"), "_fraction", None)
+    with portable_kbit.memory_guard(0.5, "mps") as guard:
+        assert guard.previous == 1.3
+    assert mps_caps[-1] == (1.3,)
+
+
+def test_guard_on_the_cpu_says_it_cannot_cap():
+    with pytest.warns(portable_kbit.CannotCapWarning, match="cannot cap"):
+        guard = portable_kbit.memory_guard(0.9, "cpu")
+    assert not guard.capped and guard.previous is None and guard.cap_bytes is None
+    with guard:  # still a context manager, and restoring does nothing
+        pass
+    assert guard.restored
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, 2, True, "0.9", None])
+def test_guard_refuses_a_fraction_outside_0_1(monkeypatch, host, cuda_caps, fraction):
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    with pytest.raises(ValueError, match=r"fraction=.* must be a number in \(0, 1\]"):
+        portable_kbit.memory_guard(fraction, "cuda")
+    assert cuda_caps == []
+
+
+@pytest.mark.parametrize("cap", [0, -1, 1.5, True])
+def test_guard_refuses_cap_bytes_that_are_not_positive_ints(monkeypatch, host, cuda_caps, cap):
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    with pytest.raises(ValueError, match=r"cap_bytes=.* must be a positive int"):
+        portable_kbit.memory_guard(device="cuda", cap_bytes=cap)
+    assert cuda_caps == []
+
+
+def test_compare_caps_through_the_backend(monkeypatch, host, cuda_caps, mps_caps):
+    from portable_kbit import compare
+
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    compare.cap_memory(backends.resolve("cuda"), 0.1)
+    assert cuda_caps == [(0.1, 0)]
+    compare.cap_memory(backends.resolve("mps"), 0.5)
+    assert mps_caps == [(0.5,)]
+    with pytest.raises(ValueError, match=r"can cap its allocator"):
+        compare.cap_memory(backends.resolve("cpu"), 0.5)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        compare.cap_memory(backends.resolve("cuda"), 1.5)

@@ -1,4 +1,5 @@
-"""The console script: env, demo and compare, through portable_kbit.cli.main and once through the real entry point."""
+"""The console script: env, demo, compare and fit, through portable_kbit.cli.main and once through the real entry
+point."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared_runs import README_COMPARE, run_once
+from shared_runs import README_COMPARE, README_FIT, run_once
 
 from portable_kbit import cli
 
@@ -116,12 +117,65 @@ def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
     assert [r["phase"] for r in ours] == list(compare.PHASES) and "error" not in ours[-1]
 
 
+def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
+    from portable_kbit.prepare import ACTIVATIONS
+
+    # The README's own fit command (tests/test_readme.py runs it through the same cached run).
+    assert "portable-kbit " + " ".join(README_FIT) in README.read_text()
+    run = run_once(README_FIT)
+    assert run.code == 0, run.err[-2000:]
+    png, lines = run.workdir / "fit.png", run.workdir / "fit.jsonl"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [r["mode"] for r in records] == list(ACTIVATIONS) and {r["kind"] for r in records} == {"forecast"}
+    for record in records:
+        assert record["quantizer"] == "bnb-nf4" and record["budget_bytes"] == 4 << 20
+        assert record["method"] == "fake step + calibration" and record["lora_rank"] == 16
+        assert sorted(int(k) for k in record["peak_bytes"]) == [64, 128, 256]
+        peaks = [record["peak_bytes"][k] for k in ("64", "128", "256")]
+        assert peaks == sorted(peaks) and all(p > 0 for p in peaks)
+        assert record["longest_seq_len"] in (None, 256)  # the tiny config's maximum positions
+        assert f"activations={record['mode']}: fake step + calibration on cpu" in run.out
+    assert run.out.count("| seq_len | predicted peak (MiB) |") == len(ACTIVATIONS)
+
+
+def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsys):
+    # 2 MiB: 64 tokens fit the tiny model, 256 do not: one fresh process verifies 64
+    code, out, err = run_main(
+        capsys,
+        "fit",
+        "tiny",
+        "--activations",
+        "native",
+        "--budget",
+        "2MiB",
+        "--seq-lens",
+        "64,256",
+        "--verify",
+        "--json",
+        "--cache-dir",
+        str(tmp_path),
+    )
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    forecast, *checks = records
+    assert forecast["kind"] == "forecast" and forecast["longest_seq_len"] is None
+    assert [(c["kind"], c["seq_len"], c["fits"], c["capped"]) for c in checks] == [("verify", 64, True, False)]
+    assert abs(checks[0]["measured_bytes"] / forecast["peak_bytes"]["64"] - 1) <= 0.15
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["demo", "--device", "nope"], "unknown device"),
         (["compare", "tiny", "--variants", "none,bogus"], "unknown variant"),
         (["compare", "/no/such/folder"], "neither a local checkpoint"),
+        (["fit", "tiny", "--budget", "8XB"], "is not a size"),
+        (["fit", "tiny", "--budget", "0"], "must be more than 0 bytes"),
+        (["fit", "tiny", "--activations", "fp32,fp8"], "--activations 'fp32,fp8': use one or more of"),
+        (["fit", "tiny", "--seq-lens", "512,-1"], "write positive ints"),
+        (["fit", "tiny", "--batch-size", "0"], "--batch-size must be a positive int"),
+        (["fit", "/no/such/folder"], "neither a local checkpoint"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
@@ -131,7 +185,7 @@ def test_bad_input_exits_2_with_a_message(capsys, argv, message):
 
 def test_no_command_prints_help(capsys):
     code, out, _ = run_main(capsys)
-    assert code == 2 and "env" in out and "demo" in out and "compare" in out
+    assert code == 2 and "env" in out and "demo" in out and "compare" in out and "fit" in out
 
 
 def test_console_script_is_declared_and_runs():

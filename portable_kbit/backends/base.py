@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -53,10 +55,39 @@ def sdpa_kernel_choice(
     try:
         from torch.nn.attention import SDPBackend
 
-        index = choose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa=enable_gqa)
+        with real_tensors_for_fake(query, key, value, attn_mask) as (query, key, value, attn_mask):
+            index = choose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa=enable_gqa)
         return SDPBackend(index).name
     except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
         return None
+
+
+@contextlib.contextmanager
+def real_tensors_for_fake(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> Iterator[tuple]:
+    """Under FakeTensorMode (the memory forecast's fake step) the dispatcher answers MATH for every call: ask it with
+    small real tensors of the same dtype, device, heads, head size and requires_grad instead (sequences cut to 8)."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    if not any(isinstance(t, FakeTensor) for t in (query, key, value, mask)):
+        yield query, key, value, mask
+        return
+
+    def stand_in(tensor: Any, sequence_dims: tuple[int, ...]) -> Any:
+        if not isinstance(tensor, FakeTensor):
+            return tensor
+        cut = {d % tensor.dim() for d in sequence_dims}
+        shape = [min(size, 8) if dim in cut else size for dim, size in enumerate(tensor.shape)]
+        return torch.zeros(shape, dtype=tensor.dtype, device=tensor.fake_device, requires_grad=tensor.requires_grad)
+
+    with unset_fake_temporarily():
+        yield (
+            stand_in(query, (-2,)),
+            stand_in(key, (-2,)),
+            stand_in(value, (-2,)),
+            stand_in(mask, (-2, -1)) if mask is not None and mask.dim() >= 2 else mask,
+        )
 
 
 def probe(function: Callable | None, *args) -> int | None:
@@ -153,6 +184,48 @@ class Backend:
         ``enable_gqa``) should run instead; the refused call runs the math kernel, whose memory grows with L x L.
         False: leave the call to transformers' sdpa. Called once per attention call, with that call's tensors."""
         return False
+
+    # ---- allocator caps (memory_guard) -------------------------------------------------------------------------
+
+    def can_cap(self, device: torch.device) -> bool:
+        """Whether this device's allocator can be capped so that going over raises an out-of-memory error."""
+        return False
+
+    def memory_fraction(self, device: torch.device) -> float | None:
+        """The allocator's current cap as the backend's own fraction (see set_memory_fraction); None: no cap API."""
+        return None
+
+    def set_memory_fraction(self, device: torch.device, fraction: float) -> None:
+        """Cap the allocator at `fraction` of what the device's allocator measures against (torch's per-process
+        memory fraction)."""
+        raise NotImplementedError(
+            f"the {self.name} backend cannot cap its allocator: torch has no per-process memory limit for it"
+        )
+
+    def fraction_basis(self, device: torch.device) -> int | None:
+        """Bytes that an allocator fraction of 1.0 stands for (None: no cap API)."""
+        return None
+
+    def max_fraction(self) -> float:
+        """The largest fraction the allocator accepts."""
+        return 1.0
+
+    def guard_fraction(
+        self, device: torch.device, fraction: float, host_total: int, host_available: int
+    ) -> tuple[float, int]:
+        """(allocator fraction, bytes) that ``memory_guard(fraction)`` sets: `fraction` of what the allocator
+        measures against. Unified backends size it from the host (see the subclasses)."""
+        basis = self.fraction_basis(device)
+        if basis is None:
+            raise NotImplementedError(f"the {self.name} backend cannot cap its allocator")
+        return fraction, int(fraction * basis)
+
+    @contextlib.contextmanager
+    def preserved_rng(self, device: torch.device) -> Iterator[None]:
+        """Random number generator states put back after the block (a calibration step must not shift the user's
+        dropout masks). The CPU generator here; accelerators add their own."""
+        with torch.random.fork_rng(devices=[]):
+            yield
 
     def chunk_budget(self, headroom: int | None, unified: bool) -> int:
         """Bytes per cast chunk: the backend's default, shrunk under memory pressure."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psutil
 import torch
 
-from .base import AllocatorStats, Backend, MiB, accelerator_function, probe
+from .base import AllocatorStats, Backend, MiB, accelerator_function, probe, real_tensors_for_fake
 
 
 class CudaBackend(Backend):
@@ -18,6 +21,10 @@ class CudaBackend(Backend):
         "attention (torch asked per call), k/v are expanded to the query heads so that it runs instead of the math "
         "kernel: O(L) memory instead of O(L^2), for k/v tensors as large as the query's"
     )
+
+    def __init__(self) -> None:
+        # per device index: what set_memory_fraction last set (read back where torch has no getter)
+        self._fractions: dict[int, float] = {}
 
     def why_unavailable(self) -> str | None:
         if getattr(torch.version, "hip", None):
@@ -75,20 +82,66 @@ class CudaBackend(Backend):
         """Asks torch whether a fused kernel (flash, memory-efficient, cuDNN) takes the call with ``enable_gqa=True``:
         none does means expand. No version test: a torch whose kernels gain fp32 GQA is used as it is."""
         cuda = torch.backends.cuda
-        try:
-            params = cuda.SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, True)
-        except TypeError:  # a torch without enable_gqa in SDPA: transformers repeats k/v itself
-            return False
-        for check_name in ("can_use_flash_attention", "can_use_efficient_attention", "can_use_cudnn_attention"):
-            check = getattr(cuda, check_name, None)
-            if check is None:
-                continue
+        with real_tensors_for_fake(query, key, value, attn_mask) as (query, key, value, attn_mask):
             try:
-                if check(params, False):
-                    return False
-            except RuntimeError:
-                continue
+                params = cuda.SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, True)
+            except TypeError:  # a torch without enable_gqa in SDPA: transformers repeats k/v itself
+                return False
+            for check_name in ("can_use_flash_attention", "can_use_efficient_attention", "can_use_cudnn_attention"):
+                check = getattr(cuda, check_name, None)
+                if check is None:
+                    continue
+                try:
+                    if check(params, False):
+                        return False
+                except RuntimeError:
+                    continue
         return True
+
+    # ---- allocator caps -------------------------------------------------------------------------------------------
+
+    def can_cap(self, device: torch.device) -> bool:
+        return True
+
+    def memory_fraction(self, device: torch.device) -> float | None:
+        """torch.cuda.get_per_process_memory_fraction where this torch has it, else the last value set through this
+        backend (1.0, torch's default, if none)."""
+        index = self._index(device)
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if getter is not None:
+            try:
+                return float(getter(index))
+            except (RuntimeError, AssertionError, TypeError):
+                pass
+        return self._fractions.get(index, 1.0)
+
+    def set_memory_fraction(self, device: torch.device, fraction: float) -> None:
+        index = self._index(device)
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        self._fractions[index] = fraction
+
+    def fraction_basis(self, device: torch.device) -> int | None:
+        """The allocator's fraction is of the device's total memory (torch.cuda.get_device_properties)."""
+        return int(torch.cuda.get_device_properties(self._index(device)).total_memory)
+
+    def guard_fraction(
+        self, device: torch.device, fraction: float, host_total: int, host_available: int
+    ) -> tuple[float, int]:
+        """Discrete GPU: `fraction` of the device's total memory. Integrated (Jetson; APUs on ROCm): the device
+        memory is the host's RAM, and the device's own total may be only an aperture (HIP on APUs), so `fraction`
+        of the host's total memory (psutil), and never more than this process can have without swapping: the host's
+        available memory plus what the allocator already holds."""
+        if not self.is_unified(device):
+            return super().guard_fraction(device, fraction, host_total, host_available)
+        reserved = self._counter("memory_reserved", self._index(device)) or 0
+        basis = int(self.fraction_basis(device) or 0)
+        cap = int(min(fraction * host_total, host_available + reserved, basis))
+        return min(1.0, cap / basis), cap
+
+    @contextlib.contextmanager
+    def preserved_rng(self, device: torch.device) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self._index(device)]):
+            yield
 
     @staticmethod
     def _counter(name: str, index: int) -> int | None:

@@ -6,12 +6,19 @@ for torch.mps, not on Apple hardware.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 from .base import AllocatorStats, Backend, MiB, accelerator_function, probe, torch_version
 
 # On 2.9-2.12 torch.accelerator's memory functions raise "Allocator for mps is not a DeviceAllocator".
 ACCELERATOR_MEMORY_ON_MPS_FROM = (2, 13)
+# The MPS allocator's default high watermark: allocations may grow to this many times Metal's recommended working set
+# (into swap) before an out-of-memory error; PYTORCH_MPS_HIGH_WATERMARK_RATIO overrides it.
+DEFAULT_HIGH_WATERMARK_RATIO = 1.7
 
 
 class MpsBackend(Backend):
@@ -30,6 +37,9 @@ class MpsBackend(Backend):
     def fp32_attention_needs_expanded_kv(self, query, key, value, attn_mask, dropout_p, is_causal) -> bool:
         """Never: without a fused attention backward, the expanded call would run the math path as well."""
         return False
+
+    def __init__(self) -> None:
+        self._fraction: float | None = None  # what set_memory_fraction last set (torch has no getter on MPS)
 
     def why_unavailable(self) -> str | None:
         mps = getattr(torch.backends, "mps", None)
@@ -77,6 +87,47 @@ class MpsBackend(Backend):
 
     def synchronize(self, device: torch.device) -> None:
         torch.mps.synchronize()
+
+    # ---- allocator caps -------------------------------------------------------------------------------------------
+
+    def can_cap(self, device: torch.device) -> bool:
+        return True
+
+    def memory_fraction(self, device: torch.device) -> float | None:
+        """What set_memory_fraction last set; before that, the high watermark ratio the allocator started with
+        (torch has no getter on MPS)."""
+        if self._fraction is not None:
+            return self._fraction
+        try:
+            return float(os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO", DEFAULT_HIGH_WATERMARK_RATIO))
+        except ValueError:
+            return DEFAULT_HIGH_WATERMARK_RATIO
+
+    def set_memory_fraction(self, device: torch.device, fraction: float) -> None:
+        """torch.mps.set_per_process_memory_fraction: a fraction of Metal's recommended working set (0 to 2; 0 means
+        no limit). Over it, allocations raise an out-of-memory error instead of growing into swap."""
+        torch.mps.set_per_process_memory_fraction(fraction)
+        self._fraction = fraction
+
+    def fraction_basis(self, device: torch.device) -> int | None:
+        return probe(getattr(torch.mps, "recommended_max_memory", None))
+
+    def max_fraction(self) -> float:
+        return 2.0
+
+    @contextlib.contextmanager
+    def preserved_rng(self, device: torch.device) -> Iterator[None]:
+        state = None
+        try:
+            state = torch.mps.get_rng_state()
+        except (RuntimeError, AttributeError):
+            pass
+        with torch.random.fork_rng(devices=[]):
+            try:
+                yield
+            finally:
+                if state is not None:
+                    torch.mps.set_rng_state(state)
 
     def release(self, device: torch.device) -> None:
         # Metal's cache shrinks only on empty_cache(); it raises where MPS is unavailable.

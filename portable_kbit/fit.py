@@ -1,0 +1,326 @@
+"""`portable-kbit fit`: will this model train at these lengths here? A forecast per activations mode, a table, a plot,
+and (with --verify) real steps at the lengths the forecast says fit, each in a fresh process under a memory cap.
+
+``forecast_mode()`` loads a checkpoint through its quantizer, prepares it with one activations mode, attaches LoRA and
+forecasts; ``verify_length()`` is the real step of one length (what each verifying subprocess runs);
+``verify_in_subprocess()`` runs it in a fresh process; ``table()`` and ``plot()`` present the records.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import backends, presets, quantizers, tiny
+from .forecast import DEFAULT_SEQ_LENS, forecast, measure_step, token_for
+from .guard import memory_guard
+from .memory import GiB, MiB, human_bytes
+
+CHECKPOINTING = {"use_reentrant": False}
+LORA_RANK = 16
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "t": 1000**4,
+    "tb": 1000**4,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '7.5G', '512MiB', '8000000000' -> bytes (GB/G are powers of 1000, GiB of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"budget {text!r} is not a size: write e.g. 8GiB, 7.5G, 512MiB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be more than 0 bytes")
+    return value
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'512,1024' -> [512, 1024] (positive ints)."""
+    try:
+        lengths = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seq-lens {text!r}: write positive ints separated by commas, e.g. 512,1024,2048") from None
+    if not lengths or any(length <= 0 for length in lengths):
+        raise ValueError(f"--seq-lens {text!r}: write positive ints separated by commas, e.g. 512,1024,2048")
+    return lengths
+
+
+def activation_modes(text: str) -> list[str]:
+    """'fp32,native' -> the modes, each one prepare() knows (portable_kbit.prepare.ACTIVATIONS)."""
+    from .prepare import ACTIVATIONS
+
+    modes = [mode.strip() for mode in str(text).split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in ACTIVATIONS]
+    if not modes or unknown:
+        raise ValueError(f"--activations {text!r}: use one or more of {', '.join(ACTIVATIONS)} (comma-separated)")
+    return modes
+
+
+def load_prepared(
+    path: str, mode: str, device: str, quantizer: str, r: int = LORA_RANK, targets: Sequence[str] | None = None
+) -> Any:
+    """The model as it will be trained: loaded through `quantizer`, prepared with activations=`mode`, LoRA r on the
+    attention projections (lora_alpha 2r, no dropout), non-reentrant gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    from .prepare import prepare
+
+    targets = list(targets) if targets else presets.lora_targets(path)
+    model = tiny.load(path, quantizer, device)
+    model = prepare(
+        model, device, target_modules=targets, activations=mode, gradient_checkpointing_kwargs=CHECKPOINTING
+    )
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+
+
+def _release(target: backends.Target) -> None:
+    gc.collect()
+    target.backend.synchronize(target.device)
+    target.backend.release(target.device)
+
+
+def forecast_mode(
+    path: str,
+    mode: str,
+    device: str = "auto",
+    quantizer: str | None = None,
+    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
+    batch_size: int = 1,
+    budget_bytes: int | None = None,
+    r: int = LORA_RANK,
+) -> dict[str, Any]:
+    """Load, prepare with activations=`mode`, attach LoRA, forecast; the Forecast's record (plus what was loaded).
+    The model is freed afterwards, so that the next mode starts from the same memory."""
+    target = backends.resolve(device)
+    quantizer = quantizer or quantizers.choose(target.backend.name)
+    model = load_prepared(path, mode, str(target.device), quantizer, r)
+    try:
+        result = forecast(model, seq_lens, batch_size, budget_bytes, device=str(target.device))
+    finally:
+        del model
+        _release(target)
+    return {
+        "kind": "forecast",
+        "mode": mode,
+        "checkpoint": path,
+        "quantizer": quantizer,
+        "lora_rank": r,
+        **result.to_dict(),
+    }
+
+
+def verify_length(
+    path: str,
+    mode: str,
+    seq_len: int,
+    device: str = "auto",
+    quantizer: str | None = None,
+    batch_size: int = 1,
+    cap_bytes: int | None = None,
+    r: int = LORA_RANK,
+) -> dict[str, Any]:
+    """One real training step at `seq_len` (after the optimizer state exists, as the forecast assumes), in this
+    process, under a cap of `cap_bytes` where the backend can cap its allocator: the measured peak, or the error."""
+    target = backends.resolve(device)
+    quantizer = quantizer or quantizers.choose(target.backend.name)
+    record: dict[str, Any] = {"kind": "verify", "mode": mode, "seq_len": seq_len, "cap_bytes": cap_bytes}
+    guard = None
+    if cap_bytes is not None and target.backend.can_cap(target.device):
+        guard = memory_guard(device=str(target.device), cap_bytes=cap_bytes)
+    record["capped"] = guard is not None
+    try:
+        model = load_prepared(path, mode, str(target.device), quantizer, r)
+        measured = measure_step(model, target, seq_len, batch_size, token_for(model))
+        record.update(measured_bytes=measured.peak_bytes, measured_by=measured.source)
+        if cap_bytes is not None and guard is None:  # no cap here (CPU): the measurement decides
+            record["fits"] = measured.peak_bytes <= cap_bytes
+        else:
+            record["fits"] = True
+    except torch.OutOfMemoryError as error:
+        record.update(fits=False, error=f"out of memory: {(str(error).splitlines() or [''])[0][:200]}")
+    finally:
+        if guard is not None:
+            guard.restore()
+    return record
+
+
+def verify_in_subprocess(
+    path: str,
+    mode: str,
+    seq_len: int,
+    device: str,
+    quantizer: str | None,
+    batch_size: int,
+    cap_bytes: int | None,
+    r: int = LORA_RANK,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """verify_length() in a fresh Python process (nothing cached from this one); its record, or one that says how
+    the process ended."""
+    command = [sys.executable, "-m", "portable_kbit", "fit", path, "--verify-one", str(seq_len), "--activations"]
+    command += [mode, "--device", device, "--batch-size", str(batch_size), "--lora-rank", str(r)]
+    if quantizer:
+        command += ["--quantizer", quantizer]
+    if cap_bytes is not None:
+        command += ["--budget", str(cap_bytes)]
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        done = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=errors, text=True, env=presets.child_env(), timeout=timeout
+        )
+        for line in reversed(done.stdout.splitlines()):
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("kind") == "verify":
+                    return record
+        errors.seek(0)
+        tail = errors.read()[-2000:].strip().splitlines()
+    killed = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit status {done.returncode}"
+    return {
+        "kind": "verify",
+        "mode": mode,
+        "seq_len": seq_len,
+        "cap_bytes": cap_bytes,
+        "fits": False,
+        "error": f"{killed}: {tail[-1] if tail else 'no output'}",
+    }
+
+
+def verify_lengths(record: dict[str, Any]) -> list[int]:
+    """The lengths a forecast says fit (the requested ones that fit, and the longest), to verify."""
+    lengths = {int(k) for k, v in record["peak_bytes"].items() if v <= record["budget_bytes"]}
+    if record.get("longest_seq_len"):
+        lengths.add(int(record["longest_seq_len"]))
+    return sorted(lengths)
+
+
+# ---- presentation ---------------------------------------------------------------------------------------------------
+
+
+def table(records: Sequence[dict[str, Any]]) -> str:
+    """A table per mode: predicted peak per length, fits or not, and the measured peak where verified."""
+    blocks = []
+    for forecast_record in (r for r in records if r.get("kind") == "forecast"):
+        mode = forecast_record["mode"]
+        budget = forecast_record["budget_bytes"]
+        verified = {r["seq_len"]: r for r in records if r.get("kind") == "verify" and r.get("mode") == mode}
+        lines = [
+            f"activations={mode}: {forecast_record['method']} on {forecast_record['device']} in "
+            f"{forecast_record['seconds']:.1f} s; budget {human_bytes(budget)} ({forecast_record['budget_source']})",
+            "",
+            "| seq_len | predicted peak (MiB) | fits | measured peak (MiB) | measured / predicted |",
+            "|---|---|---|---|---|",
+        ]
+        predictions = {int(k): v for k, v in forecast_record["peak_bytes"].items()}
+        longest = forecast_record.get("longest_seq_len")
+        if longest and longest not in predictions and longest in verified:
+            predictions[longest] = None
+        for seq_len in sorted(set(predictions) | set(verified)):
+            predicted = predictions.get(seq_len)
+            check = verified.get(seq_len)
+            fits = "" if predicted is None else ("yes" if predicted <= budget else "no")
+            measured, ratio = "", ""
+            if check is not None and check.get("measured_bytes") is not None:
+                measured = f"{check['measured_bytes'] / MiB:.0f}"
+                if predicted:
+                    ratio = f"{check['measured_bytes'] / predicted:.3f}"
+            elif check is not None:
+                measured = check.get("error", "failed")
+            shown = "" if predicted is None else f"{predicted / MiB:.0f}"
+            label = f"{seq_len} (longest)" if seq_len == longest else str(seq_len)
+            lines.append(f"| {label} | {shown} | {fits} | {measured} | {ratio} |")
+        lines.append("")
+        lines.append(f"longest sequence that fits: {longest if longest else 'none'}")
+        lines += [f"note: {note}" for note in forecast_record.get("notes", [])]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
+    """Predicted peak against sequence length per mode, the budget as a line, measured points where verified; saved
+    as a PNG at `path`. Needs matplotlib (the "plot" extra)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'portable-kbit[plot]'") from error
+
+    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    budgets = set()
+    forecasts = [r for r in records if r.get("kind") == "forecast"]
+    largest = max([r["budget_bytes"] for r in forecasts] + [1], default=1)
+    scale, unit = (GiB, "GiB") if largest >= GiB else (MiB, "MiB")
+    for index, record in enumerate(forecasts):
+        color = f"C{index}"
+        points = {int(k): v for k, v in (record.get("predictions") or record["peak_bytes"]).items()}
+        xs = sorted(points)
+        axis.plot(xs, [points[x] / scale for x in xs], marker="o", color=color, label=f"{record['mode']}: predicted")
+        longest = record.get("longest_seq_len")
+        if longest:
+            axis.axvline(longest, color=color, linestyle=":", linewidth=1)
+        checks = [r for r in records if r.get("kind") == "verify" and r.get("mode") == record["mode"]]
+        measured = [(r["seq_len"], r["measured_bytes"] / scale) for r in checks if r.get("measured_bytes") is not None]
+        if measured:
+            xs_measured, ys_measured = zip(*measured, strict=True)
+            axis.scatter(xs_measured, ys_measured, marker="x", s=60, color=color, label=f"{record['mode']}: measured")
+        failed = [r["seq_len"] for r in checks if r.get("measured_bytes") is None]
+        for seq_len in failed:
+            axis.annotate("failed", (seq_len, record["budget_bytes"] / scale), color=color, fontsize=8)
+        budgets.add(record["budget_bytes"])
+    for budget in budgets:
+        axis.axhline(budget / scale, color="black", linestyle="--", linewidth=1, label=f"budget {human_bytes(budget)}")
+    axis.set_xlabel("sequence length (tokens)")
+    axis.set_ylabel(f"training-step peak ({unit})")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    if title is None and forecasts:
+        first = forecasts[0]
+        name = str(first["checkpoint"]).rstrip("/").split("/")[-1]
+        title = (
+            f"{name} ({first['quantizer']}, LoRA r{first['lora_rank']}) on {first['device']}, "
+            f"batch {first['batch_size']}; dotted: longest that fits"
+        )
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+__all__ = [
+    "activation_modes",
+    "forecast_mode",
+    "load_prepared",
+    "parse_bytes",
+    "parse_lengths",
+    "plot",
+    "table",
+    "verify_in_subprocess",
+    "verify_length",
+    "verify_lengths",
+]
