@@ -2,7 +2,9 @@
 # The GPU runs behind the committed H100 results, in the order they were made. Usage on the GPU machine, from the
 # repository root, with bitsandbytes / optimum-quanto wheels in .whl/ (the machine has no network):
 #   benchmarks/gpu_run.sh OUT_DIR STAGE...
-# Stages: install, preset, phases, curves, pytest. Each writes into OUT_DIR; logs go to OUT_DIR/*.log.
+# Stages: install, preset, phases, prepare-time, curves, attention, long-fit, long-fit-expandable, long-time,
+# forecast, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages). Each writes into OUT_DIR;
+# logs go to OUT_DIR/*.log.
 set -uo pipefail
 out="$1"; shift
 mkdir -p "$out"
@@ -26,8 +28,37 @@ for stage in "$@"; do
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
             --out "$out" > "$out/curves.log" 2>&1
         ;;
+    prepare-time)  # the preparation call alone, 5 fresh processes per variant, 4 at a time
+        python3 benchmarks/prepare_time.py --preset mistral-7b --device cuda:0 --rounds 5 --jobs 4 --out "$out" \
+            > "$out/prepare_time.log" 2>&1
+        ;;
+    attention)  # one attention call forward+backward at 2048-4096 tokens, per path
+        python3 benchmarks/attention_fp32.py --device cuda --out "$out/attention_fp32.jsonl" > "$out/attention.log" 2>&1
+        ;;
+    long-fit)  # longest sequence under an 8 GiB cap, one fresh process per length, 8 at a time
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out" --measure fit \
+            --jobs 8 --coarse 1024 --fit-start 1024 --fit-stop 8192 > "$out/long_fit.log" 2>&1
+        ;;
+    long-fit-expandable)  # the same with expandable segments, for peft and each mode without blocks
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out" --measure fit --append \
+            --expandable --variants peft,fp32,layer,native --jobs 8 --coarse 1024 --fit-start 1024 --fit-stop 8192 \
+            > "$out/long_fit_expandable.log" 2>&1
+        ;;
+    long-time)  # step time at 512 and 4096 tokens, with and without blocks, one process per variant
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out" --measure time --append \
+            --variants fp32,fp32+blocks,fp32+liger,layer,layer+blocks,native,native+blocks,native+liger \
+            > "$out/long_time.log" 2>&1
+        ;;
+    forecast)
+        python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out" --timeout 300 \
+            > "$out/forecast.log" 2>&1
+        ;;
     pytest)
         python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1
+        ;;
+    pytest-bg)
+        (python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1; echo "pytest exit $?" \
+            >> "$out/stages.log") &
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac

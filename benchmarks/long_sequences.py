@@ -59,8 +59,12 @@ VARIANTS: dict[str, Variant] = {
     "native": Variant("ours", "native"),
     "native+blocks": Variant("ours", "native", "auto"),
     "native+liger": Variant("ours", "native", None, liger=True),
+    "layer": Variant("ours", "layer"),
+    "layer+blocks": Variant("ours", "layer", "auto"),
 }
-DEFAULT_VARIANTS = "peft,fp32,fp32+blocks,fp32+liger,native,native+blocks,native+liger"
+DEFAULT_VARIANTS = "peft,fp32,fp32+blocks,fp32+liger,layer,layer+blocks,native,native+blocks,native+liger"
+#: --expandable: the children's allocator setting, and the suffix their records' variant names get
+EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 # ---- one process: load, prepare, train ---------------------------------------------------------------------------
@@ -223,10 +227,11 @@ def _child_command(args: argparse.Namespace, checkpoint: str, *extra: str) -> li
     ]
 
 
-def _env() -> dict[str, str]:
+def _env(expandable: bool = False) -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+    return {**env, **EXPANDABLE} if expandable else env
 
 
 def _records(stdout: str) -> list[dict]:
@@ -299,7 +304,9 @@ def run_fits(
                 args, checkpoint, "--child", "fit", "--variant", variant, "--seq-len", str(seq_len)
             )
             command += ["--cap-bytes", str(int(args.cap_gib * GiB))]
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(args.expandable)
+            )
             running[process] = (variant, seq_len)
             launched = True
         if not running and not launched:
@@ -346,7 +353,7 @@ def run_times(
     out = []
     for variant in variants:
         command = _child_command(args, checkpoint, "--child", "time", "--variant", variant, "--seq-lens", lengths)
-        process = subprocess.run(command, capture_output=True, text=True, env=_env())
+        process = subprocess.run(command, capture_output=True, text=True, env=_env(args.expandable))
         found = _records(process.stdout)
         if not found:
             found = [{"variant": variant, "phase": "time", "error": process.stderr.strip()[-300:]}]
@@ -433,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
         with open(out / "long_fit.jsonl", mode) as sink:
 
             def emit_fit(record: dict) -> None:
+                if args.expandable and "variant" in record:  # a record of its own in the table
+                    record = {**record, "variant": record["variant"] + "@expandable", "allocator": EXPANDABLE}
                 sink.write(json.dumps({**record, "preset": args.preset, "versions": versions}) + "\n")
                 sink.flush()
 
@@ -480,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-stop", type=int, default=8192)
     parser.add_argument("--coarse", type=int, default=0, help="first search in steps of this (a multiple of 256)")
     parser.add_argument("--append", action="store_true", help="add to the result files instead of replacing them")
+    parser.add_argument(
+        "--expandable",
+        action="store_true",
+        help="children run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; their fit records are named "
+        "VARIANT@expandable",
+    )
     parser.add_argument("--time-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 4096])
     parser.add_argument("--child", choices=["fit", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
