@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -383,6 +384,37 @@ def token_for(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
+def closing_checkpoints_on_error() -> Iterator[None]:
+    """A step that raises inside a checkpointed layer must not leave checkpoint's saved-tensor hook behind.
+
+    torch.utils.checkpoint (non-reentrant) pushes that hook in a generator, and up to torch 2.11 ``checkpoint()`` does
+    not close the generator when the checkpointed function raises: the hook stays pushed until the garbage collector
+    finds the generator, and every later forward in the process saves its tensors through a dead checkpoint ("A
+    different number of tensors was saved during the original forward and recomputation"). Seen on the H100 image
+    (torch 2.11) after a failed fake step; torch 2.13 closes it itself. The suspended generators are found in the
+    traceback's frames and closed, innermost first, before the error goes on."""
+    try:
+        yield
+    except BaseException as error:
+        _close_suspended_checkpoints(error.__traceback__)
+        raise
+
+
+def _close_suspended_checkpoints(traceback: Any) -> None:
+    import torch.utils.checkpoint as checkpoint_module
+
+    code = getattr(getattr(checkpoint_module, "_checkpoint_without_reentrant_generator", None), "__code__", None)
+    frames = []
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):
+        for value in list(frame.f_locals.values()):
+            if inspect.isgenerator(value) and value.gi_code is code and value.gi_frame is not None:
+                value.close()
+
+
+@contextlib.contextmanager
 def untouched(model: nn.Module) -> Iterator[list[nn.Parameter]]:
     """Run a step on `model` and leave it as it was: training flags, every parameter's and buffer's tensor (an op under
     a fake mode must not leave a fake one behind), and the trainable parameters' gradients. Yields the trainable
@@ -560,7 +592,7 @@ class FakeSteps:
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         tracker = LiveTensorBytes(self.device, fake_mode)
         model = self.model
-        with untouched(model) as trainable, transformers_sees_no_tracing():
+        with closing_checkpoints_on_error(), untouched(model) as trainable, transformers_sees_no_tracing():
             foreach = _default_foreach(trainable)
             model.train()  # transformers checkpoints activations only in training mode
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -600,7 +632,7 @@ def measure_step(model: nn.Module, target: Target, seq_len: int, batch_size: int
     backend, device = target.backend, target.device
     notes: list[str] = []
     tracker = LiveTensorBytes(device)
-    with untouched(model) as trainable, backend.preserved_rng(device):
+    with closing_checkpoints_on_error(), untouched(model) as trainable, backend.preserved_rng(device):
         saved = [p.detach().to("cpu", copy=True) for p in trainable]  # host copies: no device memory
         model.train()
         try:

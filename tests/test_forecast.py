@@ -242,3 +242,36 @@ def test_budget_not_positive_int_of_bytes(ready, monkeypatch, budget):
 )
 def test_other_options(ready, monkeypatch, kwargs, pattern):
     refused(ready, monkeypatch, ValueError, pattern, **kwargs)
+
+
+def test_a_step_that_fails_inside_a_checkpoint_leaves_no_saved_tensor_hook():
+    """torch <= 2.11's checkpoint() leaves its saved-tensor hook pushed when the checkpointed function raises (its
+    generator is never closed): a failed fake step then broke every later checkpointed forward of the process. The
+    same sequence, written as torch 2.11 writes it, under closing_checkpoints_on_error."""
+    import torch.utils.checkpoint as checkpoint_module
+
+    def checkpoint_as_in_torch_2_11(function, *args):
+        gen = checkpoint_module._checkpoint_without_reentrant_generator(
+            function, True, checkpoint_module.noop_context_fn, "default", False, None, *args
+        )
+        next(gen)
+        ret = function(*args)
+        try:
+            next(gen)
+        except StopIteration:
+            return ret
+
+    def fails(x):
+        raise TypeError("a fake-tensor dispatch failure")
+
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    x = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError), forecasting.closing_checkpoints_on_error():
+        checkpoint_as_in_torch_2_11(fails, x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
+    # and without it, the hook stays (what the H100 image showed)
+    with pytest.raises(TypeError) as raised:
+        checkpoint_as_in_torch_2_11(fails, x)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) != top
+    forecasting._close_suspended_checkpoints(raised.value.__traceback__)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
