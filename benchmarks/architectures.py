@@ -620,6 +620,19 @@ def _where(error: BaseException) -> str:
     return f"{'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno}"
 
 
+def meta_tensors(model: Any) -> list[str]:
+    """Buffers and plain tensor attributes on the meta device (a trace on meta inputs must leave none behind)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        tensors = {**module._buffers, **{k: v for k, v in vars(module).items() if k != "_buffers"}}
+        for key, value in tensors.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                found.append(f"{name}.{key}" if name else key)
+    return found
+
+
 def _innermost_file(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     return frames[-1].filename if frames else ""
@@ -715,6 +728,7 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
         input_guards=report.input_guards,
         notes=report.notes,
     )
+    left_on_meta = meta_tensors(model)
     changed = sorted(n for n, p in parameters.items() if p.dtype != dtypes[n])
     unplanned = [n for n in changed if n not in set(report.upcast)]
     prepared = {n: p.dtype for n, p in parameters.items()}
@@ -735,6 +749,8 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
     missing = sorted(n for n in control.nonzero - training.nonzero if "expert" not in n)
     if missing:
         problems.append(f"{len(missing)} adapters get a gradient in the control but none here: {missing[:3]}")
+    if left_on_meta:
+        problems.append(f"tensors left on the meta device by prepare(): {left_on_meta[:3]}")
     if unplanned:
         problems.append(f"parameters changed dtype that the plan did not name: {unplanned[:3]}")
     retyped = [n for n, p in parameters.items() if p.dtype != prepared[n]]

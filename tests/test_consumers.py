@@ -205,7 +205,7 @@ def test_a_router_that_peft_parametrizes_is_still_a_consumer():
     assert y.dtype == FP32
 
 
-# ---- "layer" mode: fp32 inside each block, from inside its checkpoint ------------------------------------------------
+# ---- "layer" mode: fp32 inside each block, from inside its checkpoint ----------------------------------------------
 
 
 def test_layer_mode_checkpoint_keeps_half_precision_and_the_block_sees_fp32(backend, device):
@@ -228,7 +228,7 @@ def test_layer_mode_checkpoint_keeps_half_precision_and_the_block_sees_fp32(back
         layer.__dict__["_gradient_checkpointing_func"] = recording
 
         def attention_inputs(module, args, kwargs):
-            cos, sin = kwargs["position_embeddings"]
+            cos, _ = kwargs["position_embeddings"]
             inside.extend([kwargs["hidden_states"].dtype if "hidden_states" in kwargs else args[0].dtype, cos.dtype])
 
         layer.self_attn.register_forward_pre_hook(attention_inputs, with_kwargs=True)
