@@ -339,9 +339,34 @@ def cast_in_chunks(
     journal = CastJournal()
     transaction.on_undo(journal.undo)
     for index, chunk in enumerate(chunks):
-        journal.apply(chunk)
+        try:
+            journal.apply(chunk)
+        except BaseException as error:
+            _say_which_chunk(error, index, chunks)
+            raise
         if len(chunks) > 1 and index < len(chunks) - 1:
             samples.append(memory.take(target))  # peak polling where the allocator keeps no peak (MPS < 2.13, CPU)
+
+
+def _say_which_chunk(error: BaseException, index: int, chunks: list[list[plan.ParamCast]]) -> None:
+    """A note on an error raised while casting: which chunk, what it casts, and for an out-of-memory what to do."""
+    add_note = getattr(error, "add_note", None)  # Python 3.11 and later
+    if add_note is None:
+        return
+    chunk = chunks[index]
+    new = sum(c.new_bytes for c in chunk) / (1 << 20)
+    names = ", ".join(c.name for c in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
+    add_note(
+        f"portable_kbit: raised while casting chunk {index + 1} of {len(chunks)} to fp32 ({len(chunk)} tensors, "
+        f"{new:.1f} MiB new: {names}), after {index} chunks were done."
+    )
+    if isinstance(error, torch.OutOfMemoryError):
+        add_note(
+            "portable_kbit: the device ran out of memory after prepare()'s headroom check (something else took "
+            "memory meanwhile, or the allocator is capped below what the device reports free). Free memory and call "
+            "prepare() again; upcast='adjacent' (the default) casts only a few norms, and computes them in fp32 "
+            "without any cast by default."
+        )
 
 
 def add_dtype_flow_hooks(
