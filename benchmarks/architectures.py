@@ -766,6 +766,19 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
     return record
 
 
+#: why a type's control fails or no tiny model is built (read from the model code), for the summary
+WHY = {
+    "gemma3n": "its vision tower needs timm, not installed here",
+    "gemma3n_text": "its forward clamps `prediction_coefs.weight.data` in place, a 4-bit weight under bitsandbytes",
+    "gemma4_assistant": "a drafter: it needs the main model's hidden states and KV states",
+    "gemma4_unified_assistant": "a drafter: it needs the main model's hidden states and KV states",
+    "git": "text-only training: its loss drops the image-token positions the sequence does not have",
+    "longcat_flash": "its router reads `classifier.weight` directly, a 4-bit weight under bitsandbytes",
+    "mamba": "its slow path reads `dt_proj.weight` directly, a 4-bit weight under bitsandbytes",
+    "reformer": "bf16 on the CPU: a layer norm gets fp32 activations with bf16 parameters in the model's own code",
+    "xlnet": "bf16: an einsum in the model's own relative attention mixes fp32 and bf16",
+}
+
 #: a refusal whose reason names this way forward is retried with it (the record keeps both outcomes)
 RETRIES = {  # the first phrase found is the retry
     "{'use_reentrant': False}": {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
@@ -908,13 +921,18 @@ def summary(records: list[dict[str, Any]]) -> str:
             hit = [m for m in modes if per_mode.get(m, {}).get("outcome") == outcome]
             if not hit:
                 continue
-            source = per_mode.get("control") if outcome == "control-failed" else per_mode[hit[0]]
-            text = str((source or {}).get(field) or (source or {}).get("error") or "")
+            source = (per_mode.get("control") if outcome == "control-failed" else per_mode[hit[0]]) or {}
+            text = _one_line(str(source.get(field) or source.get("error") or ""))
+            if source.get("at") and outcome in ("failed", "control-failed"):
+                text += f" (at `{source['at']}`)"
+            if model_type in WHY and outcome in ("control-failed", "config-failed"):
+                text = f"{WHY[model_type]}: {text}"
             retry = per_mode[hit[0]].get("retry")
             if retry:
-                text += f" (retried with {', '.join(retry.get('prepare_kwargs') or {})}=...: {retry.get('outcome')})"
+                options = ", ".join(f"{k}={v}" for k, v in (retry.get("prepare_kwargs") or {}).items())
+                text += f" Retried with `{options}`: {retry.get('outcome')}."
             modes_text = "all modes" if len(hit) == len(modes) else ", ".join(hit)
-            rows.setdefault(_one_line(text), []).append(f"`{model_type}` ({modes_text})")
+            rows.setdefault(text, []).append(f"`{model_type}` ({modes_text})")
         if rows:
             lines += ["", f"**{title}**:", ""]
             lines += [f"- {', '.join(types)}: {reason}" for reason, types in rows.items()]

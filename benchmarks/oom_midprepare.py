@@ -11,8 +11,8 @@ ballast is freed and prepare() runs again under the same cap.
 
 On a CPU (the tiny preset) the same chunk raises an injected torch.OutOfMemoryError instead.
 
-    python benchmarks/oom_midprepare.py --preset mistral-7b --device cuda --out benchmarks/results/h100/oom_midprepare.json
-    python benchmarks/oom_midprepare.py --device cpu --out benchmarks/results/cpu/oom_midprepare.json   # tiny preset
+    python benchmarks/oom_midprepare.py --device cuda --out benchmarks/results/h100/oom_midprepare.json  # mistral-7b
+    python benchmarks/oom_midprepare.py --device cpu --out benchmarks/results/cpu/oom_midprepare.json   # tiny
 """
 
 from __future__ import annotations

@@ -273,6 +273,10 @@ def _override_of(forward: Forward | None) -> ForwardOverride | None:
     return handle if isinstance(handle, ForwardOverride) else None
 
 
+def _class_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(module).forward(module, *args, **kwargs)
+
+
 class ForwardOverride:
     """An instance-level forward (a removable handle, like a hook's): removing it restores what was there before.
 
@@ -288,7 +292,9 @@ class ForwardOverride:
         while (older := _override_of(current)) is not None and older.superseded:
             current = older.previous
         self.previous: Forward | None = current
-        call_previous = current if current is not None else type(module).forward.__get__(module)
+        # the class's forward looked up at call time: FSDP2's fully_shard swaps the module's class after prepare()
+        # (and transformers' checkpointing wrapper checkpoints only when it is the class's own forward)
+        call_previous = current if current is not None else functools.partial(_class_forward, module)
         forward = make_forward(call_previous)
         forward.override = self  # type: ignore[attr-defined]  # a function attribute: finds this handle again
         self.forward = forward

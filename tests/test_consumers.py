@@ -239,3 +239,26 @@ def test_layer_mode_checkpoint_keeps_half_precision_and_the_block_sees_fp32(back
     assert math.isfinite(loss.item())
     assert checkpointed and set(checkpointed) == {BF16}, checkpointed  # what each checkpoint keeps
     assert inside and set(inside) == {FP32}, inside  # forward and recompute: the block computes in fp32
+
+
+def test_an_override_calls_the_class_forward_of_the_moment():
+    """FSDP2's fully_shard swaps a module's class after prepare() (and transformers' checkpointing wrapper only
+    checkpoints when it is the class's own forward): an instance forward must call the class forward found at call
+    time, not the one bound when it was installed."""
+    from portable_kbit.flow import ForwardOverride
+
+    class Block(nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    class Swapped(Block):
+        def forward(self, x):
+            return x + 100
+
+    block = Block()
+    handle = ForwardOverride(block, lambda call_previous: lambda x: call_previous(x) * 2)
+    assert block(torch.zeros(1)).item() == 2
+    block.__class__ = Swapped
+    assert block(torch.zeros(1)).item() == 200
+    handle.remove()
+    assert block(torch.zeros(1)).item() == 100
