@@ -4,22 +4,26 @@ Two rules, both explicit rather than left to dtype promotion inside each archite
 - an upcast norm computes in its (fp32) weight dtype and hands on fp32 ("fp32" activations, peft's numerics) or its
   original dtype ("native", the lowest activation memory);
 - a consumer whose kernel wants its input in its weight dtype (nn.Linear such as lm_head, Conv1D, LayerNorm, an
-  optimum-quanto layer, adapted or not) computes in that dtype and returns the dtype it was given, as bitsandbytes
-  layers already do, so the flow stays the same on every quantizer.
+  optimum-quanto layer, adapted or not; and any module that computes with matrices of its own outside those types:
+  MoE routers and grouped experts kept as nn.Parameters, custom projections) computes in that dtype and returns the
+  dtype it was given, as bitsandbytes layers already do, so the flow stays the same on every quantizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D  # GPT-2 style transposed linear
 
 from .models import weight_of
-from .quantized import handles_its_own_input_dtype
+from .quantized import handles_its_own_input_dtype, quantization_kind
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)
@@ -45,6 +49,111 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
 def _weight_dtype(module: nn.Module) -> torch.dtype | None:
     weight = getattr(module, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else None
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters, and the originals of its parametrized ones (peft's LoRA on an nn.Parameter
+    registers a torch parametrization: the parameter then lives under `module.parametrizations`)."""
+    tensors: list[torch.Tensor] = [p for p in module._parameters.values() if p is not None]
+    if parametrize.is_parametrized(module):
+        for parametrization in cast(nn.ModuleDict, module.parametrizations).values():
+            tensors += [p for p in parametrization._parameters.values() if p is not None]
+    return tensors
+
+
+def _own_matrices(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own floating-point matrices: parameters with two or more dimensions larger than 1 (a matrix, a
+    stack of per-expert or per-head matrices; not a broadcast vector such as a [1, 1, hidden] scale)."""
+    return [
+        p
+        for p in _own_tensors(module)
+        if sum(size > 1 for size in p.shape) >= 2 and p.dtype.is_floating_point and quantization_kind(p) is None
+    ]
+
+
+def _has_matrix_descendants(module: nn.Module) -> bool:
+    return any(
+        name and not name.startswith("parametrizations") and _own_matrices(descendant)
+        for name, descendant in module.named_modules()
+    )
+
+
+def _matrix_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype a module that computes with its own matrices wants its input in (None: not such a module).
+
+    Such a module owns floating-point matrices: a router's [experts, hidden] weight, grouped experts' [experts,
+    hidden, ffn] stacks, a custom projection. Where no descendant holds matrices, they can only be used in its own
+    forward, typically in F.linear / matmul / bmm / einsum, which refuse an fp32 input with a bf16 weight. A module
+    with matrix-holding descendants (a Mamba mixer, an attention block) counts only if it owns a stack of matrices
+    (three or more dimensions: per-head or per-expert matrices); whether it multiplies by a 2-D one (a relative
+    position projection) or uses it elementwise (a state-space A_log) shows only when it runs (see
+    _fallback_forward), and casting its input changes what its descendants get.
+    """
+    own = _own_matrices(module)
+    if own and _has_matrix_descendants(module):
+        own = [p for p in own if p.dim() >= 3]
+    return _common_dtype(own) if own else None
+
+
+def may_need_input_cast(module: nn.Module) -> bool:
+    """A module with 2-D matrices of its own and matrix-holding descendants: whether its forward takes an fp32 input
+    shows when it runs (it gets _fallback_forward)."""
+    if handles_its_own_input_dtype(module) or isinstance(module, (nn.Embedding, *STRICT_TYPES)):
+        return False
+    return bool(_own_matrices(module)) and _matrix_dtype(module) is None and _has_matrix_descendants(module)
+
+
+def _fallback_forward(module: nn.Module) -> Callable[[Forward], Forward]:
+    """Runs the module as it is; the first time it fails on a dtype mismatch with a floating-point input of a dtype
+    other than its matrices', the call is repeated with that input in the matrices' dtype (its output cast back, as
+    InputDtypeGuard does), and so is every later call. A failed call has returned nothing, so nothing of it is kept;
+    the switch is reported once as a warning."""
+    switched = False
+
+    def make(call_previous: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            nonlocal switched
+            if not switched:
+                try:
+                    return call_previous(*args, **kwargs)
+                except RuntimeError as error:
+                    dtype = _common_dtype(_own_matrices(module))
+                    x = _first_tensor(args)
+                    if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
+                        raise
+                    if not any(phrase in str(error) for phrase in DTYPE_MISMATCH):
+                        raise
+                    switched = True
+                    warnings.warn(
+                        f"portable_kbit: {type(module).__name__} cannot take a {x.dtype} input beside its {dtype} "
+                        f"parameters ({error}); it computes in {dtype} from now on, its output cast back",
+                        stacklevel=2,
+                    )
+            dtype = _common_dtype(_own_matrices(module))
+            x = _first_tensor(args)
+            if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
+                return call_previous(*args, **kwargs)
+            output = call_previous(*_replace_first(args, x.to(dtype)), **kwargs)
+            y = _first_tensor(output)
+            return _replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
+
+        return forward
+
+    return make
+
+
+#: what torch's kernels say when two operands' dtypes differ
+DTYPE_MISMATCH = ("same dtype", "expected scalar type", "dtypes must be the same", "mixed dtype")
+
+
+def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The one dtype of `tensors`; where fp32 ones sit beside one half-precision dtype (a model that keeps a few
+    parameters in fp32 on purpose, such as a state-space A_log), the half-precision one: that is what an fp32 input
+    cannot meet."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        dtypes -= {torch.float32}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _compute_dtype(module: nn.Module) -> torch.dtype | None:
@@ -82,20 +191,36 @@ class UpcastNormFlow:
         return _replace_first(output, y.to(self.flow_dtype))
 
 
+def _consumer_dtype(module: nn.Module) -> torch.dtype | None:
+    if isinstance(module, STRICT_TYPES):
+        return _weight_dtype(module) or _compute_dtype(module)
+    return _compute_dtype(module) or _matrix_dtype(module)
+
+
 class InputDtypeGuard:
-    """Hooks for a dtype-strict consumer: compute in the weight dtype, return the caller's dtype."""
+    """Hooks for a dtype-strict consumer: compute in the weight dtype, return the caller's dtype.
+
+    The input is the first positional tensor, else (a module called with keywords only) the first floating-point
+    tensor among the keyword arguments. Other arguments (routing weights, masks) are left as they are.
+    """
 
     def __init__(self) -> None:
         self.pending: list[torch.dtype | None] = []
 
-    def before(self, module: nn.Module, args: tuple) -> tuple | None:
+    def before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        dtype = _consumer_dtype(module)
         x = _first_tensor(args)
-        dtype = _weight_dtype(module) or _compute_dtype(module)
+        key = None
+        if x is None and not args:
+            key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+            x = kwargs[key] if key is not None else None
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
             self.pending.append(None)
             return None
         self.pending.append(x.dtype)
-        return _replace_first(args, x.to(dtype))
+        if key is not None:
+            return args, {**kwargs, key: x.to(dtype)}
+        return _replace_first(args, x.to(dtype)), kwargs
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> Any:
         caller_dtype = self.pending.pop() if self.pending else None
@@ -106,12 +231,12 @@ class InputDtypeGuard:
 
 
 def is_strict_consumer(module: nn.Module) -> bool:
-    """A layer whose kernel fails (or silently misbehaves) on an input dtype other than its weight's."""
-    if handles_its_own_input_dtype(module):
+    """A layer whose kernel fails (or silently misbehaves) on an input dtype other than its weight's: torch's layers
+    with a weight (nn.Linear, Conv1D, LayerNorm ...), a quantized layer that dequantizes to a compute dtype, or a
+    module that computes with matrices of its own (see _matrix_dtype). Embeddings take indices: never."""
+    if handles_its_own_input_dtype(module) or isinstance(module, nn.Embedding):
         return False
-    return (isinstance(module, STRICT_TYPES) and _weight_dtype(module) is not None) or _compute_dtype(
-        module
-    ) is not None
+    return _consumer_dtype(module) is not None
 
 
 class FrozenLinearInFp32(torch.autograd.Function):
@@ -150,6 +275,10 @@ def _override_of(forward: Forward | None) -> ForwardOverride | None:
     return handle if isinstance(handle, ForwardOverride) else None
 
 
+def _class_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(module).forward(module, *args, **kwargs)
+
+
 class ForwardOverride:
     """An instance-level forward (a removable handle, like a hook's): removing it restores what was there before.
 
@@ -165,7 +294,9 @@ class ForwardOverride:
         while (older := _override_of(current)) is not None and older.superseded:
             current = older.previous
         self.previous: Forward | None = current
-        call_previous = current if current is not None else type(module).forward.__get__(module)
+        # the class's forward looked up at call time: FSDP2's fully_shard swaps the module's class after prepare()
+        # (and transformers' checkpointing wrapper checkpoints only when it is the class's own forward)
+        call_previous = current if current is not None else functools.partial(_class_forward, module)
         forward = make_forward(call_previous)
         forward.override = self  # type: ignore[attr-defined]  # a function attribute: finds this handle again
         self.forward = forward
@@ -269,6 +400,73 @@ def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
     return longest
 
 
+def _half_to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in HALF_DTYPES else value
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_half_to_fp32(v) for v in value)
+    return value
+
+
+def _in_fp32(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    return tuple(_half_to_fp32(a) for a in args), {k: _half_to_fp32(v) for k, v in kwargs.items()}
+
+
+def _checkpoints_its_forward(block: nn.Module) -> bool:
+    """Whether this call of a transformers layer will checkpoint its class forward rather than its __call__.
+
+    transformers' GradientCheckpointingLayer checkpointed ``__call__`` (hooks and an instance forward inside the
+    checkpoint) until it moved to wrapping the class's ``forward`` (module hooks and instance forwards stay outside, so
+    that FSDP2's do not run twice); the wrapper checkpoints when these flags hold."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    if not isinstance(block, GradientCheckpointingLayer) or "__call__" in GradientCheckpointingLayer.__dict__:
+        return False
+    return bool(getattr(block, "gradient_checkpointing", False)) and block.training and torch.is_grad_enabled()
+
+
+def _checkpoint_in_fp32(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """A checkpoint function whose checkpointed call gets its half-precision inputs in fp32: the cast runs inside
+    the checkpoint (in the forward and again in the recompute), so the checkpoint keeps the half-precision input."""
+
+    def checkpoint_in_fp32(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def run(*inputs: Any) -> Any:
+            if isinstance(function, functools.partial):
+                bound, keywords = _in_fp32(function.args, function.keywords)
+                return function.func(*bound, *_in_fp32(inputs, {})[0], **keywords)
+            return function(*_in_fp32(inputs, {})[0])
+
+        return checkpoint(run, *args, **kwargs)
+
+    return checkpoint_in_fp32
+
+
+def _block_in_fp32(block: nn.Module) -> Callable[[Forward], Forward]:
+    """ "layer" mode: a block computes as in "fp32" mode. Its half-precision inputs (the hidden states, and what the
+    model computed once for every layer in its dtype: an additive attention mask, ALiBi biases, rotary cos/sin) are
+    cast to fp32 where its computation starts, inside its gradient checkpoint, so that the checkpoint keeps the
+    half-precision input (the point of this mode) and no op in the block meets two dtypes (a post-norm block feeds
+    its input straight to attention; some blocks mix their input with fp32 results in a matmul)."""
+
+    def make(call_previous: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            checkpoint = block.__dict__.get("_gradient_checkpointing_func")
+            if checkpoint is not None and _checkpoints_its_forward(block):
+                block.__dict__["_gradient_checkpointing_func"] = _checkpoint_in_fp32(checkpoint)
+                try:
+                    return call_previous(*args, **kwargs)
+                finally:
+                    block.__dict__["_gradient_checkpointing_func"] = checkpoint
+            args, kwargs = _in_fp32(args, kwargs)
+            return call_previous(*args, **kwargs)
+
+        return forward
+
+    return make
+
+
 def _block_output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         y = _first_tensor(output)
@@ -295,6 +493,7 @@ def install(
     chunk_bytes: int = 64 << 20,
     compute_norms: Sequence[nn.Module] = (),
     blocks: Sequence[nn.Module] = (),
+    fallback_consumers: Sequence[nn.Module] = (),
 ) -> list:
     """Register the hooks; returns their handles (removing them, newest first, restores the original forwards).
 
@@ -303,14 +502,19 @@ def install(
     and the rotary cos/sin follow its dtype), and a frozen half-precision nn.Linear consumer (lm_head) computes in fp32
     block by block instead of rounding its input and output to bf16. With "layer" activations the upcast norms hand
     fp32 on inside each block (`blocks`), whose output is cast back to the model's dtype: the stream between blocks
-    and the checkpointed block inputs stay half precision; lm_head computes in fp32 as in "fp32" mode.
+    and the checkpointed block inputs stay half precision (each block computes as in "fp32" mode: its inputs are cast
+    to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode.
     """
     handles: list = []
     fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
     compute = {id(m) for m in compute_norms}
+    # "layer": fp32 only inside the blocks; a norm outside every block (a cross-attention's, the final one) hands on
+    # the model's dtype, which is what the masks and everything else between the blocks are in
+    in_blocks = {id(m) for block in blocks for m in block.modules()} if activations == "layer" else None
     for norm, original_dtype in upcast_norms.items():
         in_fp32 = id(norm) in compute
-        flow = UpcastNormFlow(torch.float32 if fp32_inside else original_dtype, torch.float32 if in_fp32 else None)
+        hands_fp32 = fp32_inside and (in_blocks is None or id(norm) in in_blocks)
+        flow = UpcastNormFlow(torch.float32 if hands_fp32 else original_dtype, torch.float32 if in_fp32 else None)
         handles.append(norm.register_forward_pre_hook(flow.before))
         handles.append(norm.register_forward_hook(flow.after))
         if in_fp32:
@@ -320,6 +524,7 @@ def install(
     if fp32_inside and activations == "layer":
         native = next(iter(upcast_norms.values()))
         for block in blocks:
+            handles.append(ForwardOverride(block, _block_in_fp32(block)))
             handles.append(block.register_forward_hook(_block_output_to(native)))
     for module in consumers:
         if fp32_inside and computes_in_fp32(module):
@@ -327,6 +532,9 @@ def install(
             handles.append(ForwardOverride(module, _fp32_linear_forward(module, chunk_bytes, cast_input)))
             continue
         guard = InputDtypeGuard()
-        handles.append(module.register_forward_pre_hook(guard.before))
+        handles.append(module.register_forward_pre_hook(guard.before, with_kwargs=True))
         handles.append(module.register_forward_hook(guard.after))
+    if fp32_inside:
+        for module in fallback_consumers:
+            handles.append(ForwardOverride(module, _fallback_forward(module)))
     return handles

@@ -391,6 +391,7 @@ def _trace(
 
     runner = hf_model(model)
     was_training = {m: m.training for m in index.modules.values()}
+    tensors = _tensor_attributes(index.modules.values())
     stubbed: dict[nn.Module, Any] = {}
     try:
         for name in norms:
@@ -428,7 +429,44 @@ def _trace(
             handle.remove()
         for module, training in was_training.items():
             module.training = training
+        _restore_tensor_attributes(index.modules.values(), tensors)
     return feeding
+
+
+def _tensor_attributes(modules: Iterable[nn.Module]) -> dict[nn.Module, dict[tuple[str, str], Any]]:
+    """Every module's tensors that are neither parameters nor submodules: its buffers and plain tensor attributes.
+
+    A forward may replace them: CTRL moves its position table with `self.pos_encoding = self.pos_encoding.to(...)`,
+    rotary embeddings recompute `inv_freq` for a longer sequence. Done on meta inputs, that would leave a meta tensor
+    in the model."""
+    found: dict[nn.Module, dict[tuple[str, str], Any]] = {}
+    for module in modules:
+        own = {("_buffers", key): value for key, value in module._buffers.items()}
+        own.update({("__dict__", k): v for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)})
+        found[module] = own
+    return found
+
+
+def _restore_tensor_attributes(
+    modules: Iterable[nn.Module], before: dict[nn.Module, dict[tuple[str, str], Any]]
+) -> None:
+    """Put back what the trace replaced or removed, drop what it added."""
+    for module in modules:
+        own = before.get(module, {})
+        for where, store in (("_buffers", module._buffers), ("__dict__", module.__dict__)):
+            for key in [k for k, v in store.items() if where == "_buffers" or isinstance(v, torch.Tensor)]:
+                old = own.get((where, key), _ABSENT)
+                if old is _ABSENT:
+                    del store[key]
+                elif old is not store[key]:
+                    store[key] = old
+        for (where, key), old in own.items():
+            store = module._buffers if where == "_buffers" else module.__dict__
+            if key not in store:
+                store[key] = old
+
+
+_ABSENT = object()
 
 
 def adjacent_norms(

@@ -16,7 +16,7 @@ from . import attention, backends, blocks, memory, plan
 from .backends import Target
 from .cast import CastJournal, chunked, required_bytes
 from .errors import MemoryPressureError
-from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer
+from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer, may_need_input_cast
 from .flow import install as install_flow_hooks
 from .index import ModelIndex
 from .memory import MemorySnapshot
@@ -111,6 +111,7 @@ def prepare(
         token_blocks=token_blocks,
     )
     index = check_model(model)
+    check_checkpointing_support(model, use_gradient_checkpointing, gradient_checkpointing_kwargs)
     target, move_to = resolve_target(index, device)
     target.backend.reset_peak(target.device)
     before = memory.take(target)
@@ -139,6 +140,7 @@ def prepare(
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
+        handles += keep_inputs_off_the_leaves(model, checkpointing, transaction)
         finish_on_device(target)
         after = memory.take(target)
         report = build_report(
@@ -245,6 +247,36 @@ def check_model(model: Any) -> ModelIndex:
     return index
 
 
+def check_checkpointing_support(model: nn.Module, enabled: bool, kwargs: dict | None) -> None:
+    """Gradient checkpointing is asked for (the default, as with peft): the model must support it, and with the
+    reentrant variant (transformers' default) its input embeddings must be a module the forward calls, since the
+    input gradients it needs come from a hook on get_input_embeddings(). Said before any change."""
+    if not enabled:
+        return
+    base = hf_model(model)
+    if getattr(base, "supports_gradient_checkpointing", True) is False:
+        raise ValueError(
+            f"{type(base).__name__} does not support gradient checkpointing in transformers, which prepare() enables "
+            "by default (as peft's prepare_model_for_kbit_training does). Pass use_gradient_checkpointing=False: "
+            "training then works, and keeps every layer's activations for the backward pass (more memory)."
+        )
+    embeddings = input_embeddings(base)
+    if (kwargs or {}).get("use_reentrant", True) and not _called_module(embeddings):
+        found = "none" if embeddings is None else f"a {type(embeddings).__name__}, never called itself"
+        raise ValueError(
+            f"{type(base).__name__}'s input embeddings ({found}) cannot carry the hook that makes the layer inputs "
+            "require gradients, which reentrant gradient checkpointing (transformers' default) needs: every adapter "
+            "inside a checkpointed layer would get no gradient. Pass gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}, or use_gradient_checkpointing=False."
+        )
+
+
+def _called_module(module: nn.Module | None) -> bool:
+    """A module whose forward runs (forward hooks fire): not a container such as the ModuleList of per-codebook
+    embeddings that musicgen's get_input_embeddings() returns."""
+    return module is not None and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList))
+
+
 def resolve_target(index: ModelIndex, device: Any) -> tuple[Target, torch.device | None]:
     """The backend and device to prepare on, and the device to move a CPU model to (None: no move)."""
     devices = index.devices
@@ -344,9 +376,34 @@ def cast_in_chunks(
     journal = CastJournal()
     transaction.on_undo(journal.undo)
     for index, chunk in enumerate(chunks):
-        journal.apply(chunk)
+        try:
+            journal.apply(chunk)
+        except BaseException as error:
+            _say_which_chunk(error, index, chunks)
+            raise
         if len(chunks) > 1 and index < len(chunks) - 1:
             samples.append(memory.take(target))  # peak polling where the allocator keeps no peak (MPS < 2.13, CPU)
+
+
+def _say_which_chunk(error: BaseException, index: int, chunks: list[list[plan.ParamCast]]) -> None:
+    """A note on an error raised while casting: which chunk, what it casts, and for an out-of-memory what to do."""
+    add_note = getattr(error, "add_note", None)  # Python 3.11 and later
+    if add_note is None:
+        return
+    chunk = chunks[index]
+    new = sum(c.new_bytes for c in chunk) / (1 << 20)
+    names = ", ".join(c.name for c in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
+    add_note(
+        f"portable_kbit: raised while casting chunk {index + 1} of {len(chunks)} to fp32 ({len(chunk)} tensors, "
+        f"{new:.1f} MiB new: {names}), after {index} chunks were done."
+    )
+    if isinstance(error, torch.OutOfMemoryError):
+        add_note(
+            "portable_kbit: the device ran out of memory after prepare()'s headroom check (something else took "
+            "memory meanwhile, or the allocator is capped below what the device reports free). Free memory and call "
+            "prepare() again; upcast='adjacent' (the default) casts only a few norms, and computes them in fp32 "
+            "without any cast by default."
+        )
 
 
 def add_dtype_flow_hooks(
@@ -361,12 +418,13 @@ def add_dtype_flow_hooks(
     compute_norms = [index.modules[name] for name in changes.compute_norms]
     skip = plan.adapter_submodules(index) | {id(m) for m in norms}
     consumers = [m for m in index.modules.values() if id(m) not in skip and is_strict_consumer(m)]
+    fallbacks = [m for m in index.modules.values() if id(m) not in skip and may_need_input_cast(m)]
     blocks = checkpoint_blocks(model) if activations == "layer" else []
     handles = install_flow_hooks(
-        norms, consumers, activations, input_embeddings(model), chunk_bytes, compute_norms, blocks
+        norms, consumers, activations, input_embeddings(model), chunk_bytes, compute_norms, blocks, fallbacks
     )
     transaction.on_undo(lambda: remove_all(handles))
-    return handles, len(consumers)
+    return handles, len(consumers) + len(fallbacks)
 
 
 def install_fp32_attention(
@@ -433,6 +491,27 @@ def enable_gradient_checkpointing(
     if needs_input_grads and not _input_grads_enabled(base):
         call(base, "enable_input_require_grads")
     return kwargs
+
+
+def keep_inputs_off_the_leaves(model: nn.Module, checkpointing: dict | None, transaction: Transaction) -> list:
+    """With reentrant checkpointing, transformers' input-gradient hook makes the embedding output a leaf that requires
+    grad, and a model that adds to it in place (BLT's hash embeddings: `embeddings += ...`) then fails ("a leaf
+    Variable that requires grad is being used in an in-place operation"), with peft's function too. A hook after it
+    hands on a copy instead: no longer a leaf, the same values and gradients."""
+    if checkpointing is None or not checkpointing.get("use_reentrant", True):
+        return []
+    embeddings = input_embeddings(hf_model(model))
+    if embeddings is None:
+        return []
+    handle = embeddings.register_forward_hook(_copy_of_leaf_output)
+    transaction.on_undo(handle.remove)
+    return [handle]
+
+
+def _copy_of_leaf_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and output.is_leaf and output.requires_grad:
+        return output.clone()
+    return None
 
 
 def _input_grads_enabled(hf_model: nn.Module) -> bool:

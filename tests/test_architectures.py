@@ -1,0 +1,81 @@
+"""A sample of transformers' causal-LM model types, one or more per structural family, through the sweep's own code
+(benchmarks/architectures.py: tiny config, bitsandbytes nf4 on the CPU, the control, then prepare() in every
+activations mode with LoRA and two AdamW steps).
+
+Each type must train in every mode, or be refused before any change with the documented reason, and then train with
+the option the refusal names. The full sweep (every type) is `python benchmarks/architectures.py`; its committed
+results are in benchmarks/results/architectures/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "architectures.py"
+_spec = importlib.util.spec_from_file_location("architectures", PATH)
+assert _spec is not None and _spec.loader is not None
+architectures = importlib.util.module_from_spec(_spec)
+sys.modules["architectures"] = architectures
+_spec.loader.exec_module(architectures)
+
+FAMILIES: dict[str, list[str]] = {
+    "dense": ["llama", "qwen3", "gemma2", "mistral", "phi3", "cohere2"],
+    # experts stored as 3-D nn.Parameters and routers as bare [experts, hidden] parameters (transformers 5)
+    "MoE with grouped experts": ["qwen3_moe", "gpt_oss", "granitemoe", "mixtral", "olmoe", "deepseek_v3", "phimoe"],
+    "post-norm": ["bert", "roformer"],
+    "parallel attention/MLP": ["gpt_neox", "gptj", "falcon", "phi"],
+    "Conv1D": ["gpt2", "gpt_bigcode"],
+    "encoder-decoder (the decoder as a causal LM)": ["bart", "whisper"],
+    "hybrid state-space": ["jamba", "bamba", "zamba", "falcon_h1", "granitemoehybrid", "lfm2", "qwen3_next"],
+    "ALiBi": ["bloom"],
+    # one of each fix: a 2-D projection beside children (fallback), a block mixing its input with fp32 results in a
+    # matmul (layer mode), in-place adds to the embedding output (input gradients off the leaves)
+    "unusual": ["inkling2_text", "deepseek_v4", "blt"],
+    # refused before any change, with the option that works
+    "no gradient checkpointing": ["ctrl"],
+    "per-codebook input embeddings": ["musicgen"],
+}
+REFUSED = {
+    "ctrl": "use_gradient_checkpointing=False",
+    "musicgen": "{'use_reentrant': False}",
+}
+SAMPLE = [model_type for types in FAMILIES.values() for model_type in types]
+
+
+def test_the_sample_is_large_and_known():
+    assert len(SAMPLE) >= 25 and len(set(SAMPLE)) == len(SAMPLE)
+    assert set(SAMPLE) <= set(architectures.all_types())
+
+
+@pytest.mark.parametrize("model_type", SAMPLE)
+def test_type_trains_or_is_refused_in_every_mode(model_type, tmp_path):
+    records = architectures.run_type(model_type, workdir=str(tmp_path))
+    by_mode = {record["mode"]: record for record in records}
+    assert by_mode["control"]["outcome"] == "trained", by_mode["control"]
+    for mode in architectures.MODES:
+        record = by_mode[mode]
+        if model_type in REFUSED:
+            assert record["outcome"] == "refused", record
+            assert REFUSED[model_type] in record["reason"], record["reason"]
+            assert record["retry"]["outcome"] == "trained", record["retry"]
+        else:
+            assert record["outcome"] == "trained", record
+
+
+def test_the_trace_leaves_tensor_attributes_alone(tmp_path):
+    """prepare()'s trace runs the model on meta inputs; a forward that caches a tensor on the module (CTRL:
+    `self.pos_encoding = self.pos_encoding.to(device=...)`) must not keep the meta copy."""
+    import torch
+
+    import portable_kbit
+
+    checkpoint = architectures.build_checkpoint("ctrl", str(tmp_path))
+    model = architectures.load(checkpoint)
+    table = model.transformer.pos_encoding
+    portable_kbit.prepare(model, target_modules=checkpoint.lora_targets, use_gradient_checkpointing=False)
+    assert model.transformer.pos_encoding is table and table.device == torch.device("cpu")
+    assert architectures.meta_tensors(model) == []
