@@ -1,5 +1,7 @@
-"""Render benchmark results (benchmarks/results/<run>/phases.jsonl from portable_kbit.compare, fit.jsonl) as the
-README's markdown table, each figure with its ratio to peft's.
+"""Render benchmark results as the README's markdown table, each figure with its ratio to peft's:
+benchmarks/results/<run>/phases.jsonl (portable_kbit.compare), long_fit.jsonl (benchmarks/long_sequences.py: the
+longest sequence under an 8 GiB cap, with and without token blocks, and with expandable segments), prepare_time.jsonl
+(benchmarks/prepare_time.py) and curves.jsonl (benchmarks/loss_curves.py), where present.
 
     python benchmarks/table.py benchmarks/results/h100 benchmarks/results/cpu
     python benchmarks/table.py --readme README.md benchmarks/results/h100 benchmarks/results/cpu   # rewrite in place
@@ -10,11 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
-COLUMNS = ("peft", "ours-fp32", "ours-native", "ours-peft", "peft-noclear", "none")
+COLUMNS = ("peft", "ours-fp32", "ours-layer", "ours-native", "ours-fp32-upcast", "ours-peft", "peft-noclear", "none")
+#: benchmarks/long_sequences.py's variant names -> compare's
+FIT_NAMES = {"peft": "peft", "fp32": "ours-fp32", "layer": "ours-layer", "native": "ours-native"}
+FIT_ROWS = {
+    "": "8 GiB cap: longest sequence",
+    "@expandable": "8 GiB cap, expandable segments: longest sequence",
+    "+blocks": "8 GiB cap, token_blocks='auto': longest sequence",
+}
 MARKERS = ("<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->")
 
 
@@ -33,7 +43,7 @@ def _minus(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else (a - b) / MiB
 
 
-def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any]) -> dict[str, Any]:
+def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any], prepare_time: list[float]) -> dict[str, Any]:
     load, prep, train = run.get("load", {}), run.get("prep", {}), run.get("train", {})
     rss = train.get("allocated") is None  # no allocator (CPU): process RSS is the measure
     rows: dict[str, Any] = {}
@@ -44,6 +54,7 @@ def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any]) -> dict[str, An
     rows["prepare: process RSS delta (MiB)"] = _minus(prep.get("process_rss"), load.get("process_rss"))
     rows["prepare: host available delta (MiB)"] = _minus(prep.get("host_available"), load.get("host_available"))
     rows["prepare: seconds"] = prep.get("seconds")
+    rows["prepare: seconds, median of fresh processes"] = statistics.median(prepare_time) if prepare_time else None
     if not rss:
         rows["training: peak allocated (MiB)"] = (
             None if train.get("peak_allocated") is None else train["peak_allocated"] / MiB
@@ -57,23 +68,71 @@ def metrics(run: dict[str, dict[str, Any]], fit: dict[str, Any]) -> dict[str, An
         )
     rows["frozen parameters in fp32"] = prep.get("fp32_frozen_parameters")
     rows["loss at step 5"] = (train.get("losses") or [None])[-1]
-    rows["8 GiB cap: longest sequence"] = fit.get("longest")
+    for row in FIT_ROWS.values():
+        rows[row] = fit.get(row)
     return rows
 
 
 RATIO_ROWS = (
     "prepare: seconds",
+    "prepare: seconds, median of fresh processes",
     "training: peak allocated (MiB)",
     "training: peak reserved (MiB)",
     "training: peak process RSS (MiB)",
-    "8 GiB cap: longest sequence",
+    *FIT_ROWS.values(),
 )
+
+
+def fits_of(folder: Path) -> dict[str, dict[str, Any]]:
+    """compare variant -> {row name: longest length}, from long_fit.jsonl (the latest summary of each variant)."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in read(folder / "long_fit.jsonl"):
+        if record.get("phase") != "fit":
+            continue
+        name = record["variant"]
+        for suffix, row in FIT_ROWS.items():
+            base = name[: -len(suffix)] if suffix and name.endswith(suffix) else (name if not suffix else None)
+            if base in FIT_NAMES and (suffix or ("+" not in name and "@" not in name)):
+                out.setdefault(FIT_NAMES[base], {})[row] = record.get("longest")
+    return out
+
+
+def _device_name(folder: Path) -> str | None:
+    """The accelerator's name, from whichever result file of the run records it."""
+    for path in sorted(folder.glob("*.jsonl")):
+        for record in read(path):
+            name = record.get("device_name") or (record.get("name") if record.get("backend") else None)
+            if name:
+                return str(name)
+    return None
+
+
+def curve_gaps(folder: Path) -> str:
+    """One line per variant: the mean loss gap to peft over the steps, per data seed (benchmarks/loss_curves.py)."""
+    records = read(folder / "curves.jsonl")
+    by = {(r["variant"], r["seed"]): r["losses"] for r in records if r.get("losses")}
+    seeds = sorted({seed for _, seed in by})
+    lines = []
+    for variant in dict.fromkeys(v for v, _ in by):
+        if variant == "peft":
+            continue
+        means = []
+        for seed in seeds:
+            ours, reference = by.get((variant, seed)), by.get(("peft", seed))
+            if ours and reference:
+                means.append(statistics.fmean(a - b for a, b in zip(ours, reference, strict=True)))
+        if means:
+            lines.append(f"{variant} " + " / ".join(f"{m:+.4f}" for m in means))
+    if not lines:
+        return ""
+    steps = len(next(iter(by.values())))
+    return f"Mean loss gap to peft over {steps} steps, data seeds {', '.join(map(str, seeds))}: " + "; ".join(lines)
 
 
 def _cell(name: str, value: Any, reference: Any) -> str:
     if value is None:
         return ""
-    if name == "prepare: seconds":
+    if name.startswith("prepare: seconds"):
         text = f"{value:.3f}"
     elif name == "loss at step 5":
         text = f"{value:.4f}"
@@ -88,16 +147,20 @@ def _cell(name: str, value: Any, reference: Any) -> str:
 
 def render_run(folder: Path) -> str:
     phases = by_variant(read(folder / "phases.jsonl"))
-    fits = {r["variant"]: r for r in read(folder / "fit.jsonl")}
+    fits = fits_of(folder)
+    times: dict[str, list[float]] = {}
+    for record in read(folder / "prepare_time.jsonl"):
+        if record.get("seconds") is not None:
+            times.setdefault(record["variant"], []).append(record["seconds"])
     if not phases:
         return f"(no results in {folder})"
     first = next(iter(phases.values()))
     start = first.get("start", {})
     columns = [c for c in COLUMNS if c in phases]
-    table = {c: metrics(phases[c], fits.get(c, {})) for c in columns}
+    table = {c: metrics(phases[c], fits.get(c, {}), times.get(c, [])) for c in columns}
     rows = [name for name in table[columns[0]] if any(table[c][name] is not None for c in columns)]
     versions = ", ".join(f"{k} {v}" for k, v in (start.get("versions") or {}).items() if v and k != "python")
-    device_name = next((f["device_name"] for f in fits.values() if "device_name" in f), start.get("device"))
+    device_name = start.get("device_name") or _device_name(folder) or start.get("device")
     train = first.get("train", {})
     lines = [
         f"**{folder.name}** ({device_name}; {versions}): {train.get('quantizer')}, {train.get('steps')} steps on one "
@@ -108,7 +171,9 @@ def render_run(folder: Path) -> str:
         "|---|" + "---|" * len(columns),
     ]
     for name in rows:
-        cells = [_cell(name, table[c][name], table.get("peft", {}).get(name)) for c in columns]
+        # token blocks have no peft counterpart: their lengths are compared with peft's under the same cap
+        reference_row = FIT_ROWS[""] if name == FIT_ROWS["+blocks"] else name
+        cells = [_cell(name, table[c][name], table.get("peft", {}).get(reference_row)) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     losses = {c: phases[c].get("train", {}).get("losses") for c in columns}
     if losses.get("peft"):
@@ -119,6 +184,9 @@ def render_run(folder: Path) -> str:
             if steps and c != "peft"
         }
         lines += ["", "Largest loss gap to peft over the steps: " + ", ".join(f"{c} {g:.4f}" for c, g in gaps.items())]
+    curves = curve_gaps(folder)
+    if curves:
+        lines += ["", curves]
     errors = [f"{v}/{p}: {r['error']}" for v, run in phases.items() for p, r in run.items() if "error" in r]
     if errors:
         lines += ["", "Failed: " + "; ".join(errors)]
