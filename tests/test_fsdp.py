@@ -22,6 +22,19 @@ from portable_kbit import tiny
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
+# Seen on the H100 image (torch 2.11, CPU processes with gloo): with a bf16 param_dtype, FSDP2's all-gather changes
+# bytes of the bf16-packed NF4 weights (bitsandbytes issue 1945: NaN bit patterns canonicalized), in every mode, ours
+# or not, and the first loss moves by 3.6e-3. torch 2.13 keeps the bytes. The README says what to do.
+BF16_POLICY_CORRUPTS_NF4 = pytest.mark.xfail(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+    reason="torch < 2.13: FSDP2's bf16 all-gather changes bf16-packed NF4 bytes (bitsandbytes issue 1945)",
+    strict=True,
+)
+
+
+def policy_marks(wrap: str) -> list:
+    return [BF16_POLICY_CORRUPTS_NF4] if wrap == "fsdp2-bf16" else []
+
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
@@ -51,7 +64,13 @@ def test_every_case_ran_and_prepare_changed_no_dtype(records):
 
 
 @pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
-@pytest.mark.parametrize("wrap", ["fsdp1-orig-params", "fsdp1-flat-params", "fsdp2", "fsdp2-bf16"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(w, marks=policy_marks(w))
+        for w in ("fsdp1-orig-params", "fsdp1-flat-params", "fsdp2", "fsdp2-bf16")
+    ],
+)
 def test_sharded_losses_match_one_process(records, activations, wrap):
     cases = by_case(records)
     sharded, single = cases[(activations, wrap, False)], cases[(activations, "none", False)]
@@ -60,7 +79,7 @@ def test_sharded_losses_match_one_process(records, activations, wrap):
 
 
 @pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
-@pytest.mark.parametrize("wrap", ["fsdp2", "fsdp2-bf16"])
+@pytest.mark.parametrize("wrap", [pytest.param(w, marks=policy_marks(w)) for w in ("fsdp2", "fsdp2-bf16")])
 def test_fsdp2_computes_with_the_loaded_4bit_bytes(records, activations, wrap):
     """The packed 4-bit weights each layer computes with under FSDP2 are the bytes loaded: no NaN canonicalization of
     bf16-packed NF4 data in the all-gather (bitsandbytes issue 1945)."""
