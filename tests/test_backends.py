@@ -10,7 +10,6 @@ What each backend must read, from where, on which torch version (see shared/note
 from __future__ import annotations
 
 import collections
-import importlib
 import types
 
 import psutil
@@ -19,13 +18,11 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit import backends, tiny
+from portable_kbit import accounting, backends, tiny
 from portable_kbit.backends import BackendUnavailableError
 from portable_kbit.backends import mps as mps_module
 from portable_kbit.backends.base import MiB
 from portable_kbit.models import is_checkpointing
-
-prepare_module = importlib.import_module("portable_kbit.prepare")  # the package's `prepare` is the function
 
 GiB = 1 << 30
 HOST_AVAILABLE = 9 * GiB
@@ -330,7 +327,7 @@ def test_chunk_budget_is_smaller_on_unified_memory(monkeypatch, host, name, hip)
         target = backends.resolve(name)
         before = portable_kbit.snapshot(name)
         assert before.unified is integrated
-        budgets[integrated], _ = prepare_module.chunk_budget(target, before, None)
+        budgets[integrated], _ = accounting.chunk_budget(target, before, None)
     assert budgets[True] < budgets[False]
     backend = backends.get(name)
     # the same measured headroom gives a smaller chunk on shared memory, and shrinks under pressure
