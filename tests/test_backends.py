@@ -539,3 +539,23 @@ def test_memory_pressure_from_measured_host_memory(backend, device, monkeypatch)
         portable_kbit.prepare(model, backend, upcast="peft")
     assert_same_state(before, model_state(model))
     assert portable_kbit.report(model) is None
+
+
+# ---- quantizer preference: the Backend's ------------------------------------------------------------------------
+
+
+def test_quantizer_preference_comes_from_the_backend(monkeypatch):
+    from portable_kbit import quantizers
+    from portable_kbit.backends.cpu import CpuBackend
+
+    assert quantizers.preference("mps") == backends.get("mps").preferred_quantizers == ("quanto-int4", "bnb-nf4")
+    for name in ("cuda", "rocm", "cpu"):
+        assert quantizers.preference(name) == ("bnb-nf4", "quanto-int4"), name
+    assert quantizers.preference("not-a-backend") == quantizers.FALLBACK
+
+    class Int8FirstCpu(CpuBackend):
+        preferred_quantizers = ("quanto-int8", "bnb-nf4")
+
+    monkeypatch.setitem(backends._instances, "cpu", Int8FirstCpu())
+    assert quantizers.preference("cpu") == ("quanto-int8", "bnb-nf4")
+    assert quantizers.choose("cpu") == "quanto-int8"  # checked for being installed (the test extra installs it)

@@ -52,6 +52,9 @@ class Backend:
     unified_pressure_divisor: int = 8
     #: never below this, or a budget would mean one tiny tensor per chunk
     min_chunk_bytes: int = 1 * MiB
+    #: quantizers to try here, best first (names of portable_kbit.tiny.QUANTIZERS): bitsandbytes nf4, then
+    #: optimum-quanto int4 as the fallback that runs everywhere
+    preferred_quantizers: tuple[str, ...] = ("bnb-nf4", "quanto-int4")
 
     def available(self) -> bool:
         return self.why_unavailable() is None

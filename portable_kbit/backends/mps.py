@@ -24,6 +24,8 @@ class MpsBackend(Backend):
     device_type = "mps"
     default_chunk_bytes = 64 * MiB
     unified_chunk_bytes = 64 * MiB
+    # optimum-quanto first: bitsandbytes >= 0.50 has an MPS backend too (needs torch >= 2.9), tried second
+    preferred_quantizers = ("quanto-int4", "bnb-nf4")
 
     def why_unavailable(self) -> str | None:
         mps = getattr(torch.backends, "mps", None)
