@@ -378,8 +378,21 @@ def table(out: Path) -> str:
     single = {r["variant"]: r for r in read(out / "single.jsonl")}
     rows = [r for path in sorted(out.glob("sharded-n*.jsonl")) for r in read(path)]
     gpu = any(r["phases"].get("load", {}).get("allocated") is not None for r in [*rows, *single.values()])
-    field, peak = ("allocated", "peak_allocated") if gpu else ("process_rss", "peak_process_rss")
-    label = "allocated MiB" if gpu else "RSS MiB"
+    label = "allocated / reserved MiB" if gpu else "RSS MiB"
+
+    def memory(phase: dict, peak: bool = False) -> str:
+        if not gpu:
+            return _mib(phase.get("peak_process_rss" if peak else "process_rss"))
+        allocated, reserved = (
+            (phase.get("peak_allocated"), phase.get("peak_reserved"))
+            if peak
+            else (
+                phase.get("allocated"),
+                phase.get("reserved"),
+            )
+        )
+        return "" if allocated is None else f"{_mib(allocated)} / {_mib(reserved)}"
+
     head = ["variant", "wrap", "rank/N", f"load {label}", "prep", "lora", "shard", f"train peak {label}"]
     head += ["losses", "max abs diff vs one process", "4-bit bytes", "error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -398,8 +411,8 @@ def table(out: Path) -> str:
             r["variant"],
             r["wrap"] + (f" ({r['mp']})" if r.get("mp") else ""),
             f"{r['rank']}/{r['world_size']}",
-            *[_mib(phases.get(p, {}).get(field)) for p in ("load", "prep", "lora", "shard")],
-            _mib(phases.get("train", {}).get(peak)),
+            *[memory(phases.get(p, {})) for p in ("load", "prep", "lora", "shard")],
+            memory(phases.get("train", {}), peak=True),
             " ".join(f"{loss:.4f}" for loss in r["losses"]),
             diff,
             packed,
