@@ -8,13 +8,14 @@ from .memory import MemorySnapshot, snapshot
 from .patch import PeftPatch, patch_peft
 from .patch import apply_environment_switch as _apply_environment_switch
 from .prepare import prepare, report
-from .report import PrepReport
+from .report import DeviceMemory, PrepReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "CannotCapWarning",
+    "DeviceMemory",
     "Forecast",
     "MemoryGuard",
     "MemoryMonitor",

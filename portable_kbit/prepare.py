@@ -1,6 +1,8 @@
 """prepare(): make a quantized model ready for LoRA/QLoRA training without fp32 copies of frozen weights.
 
-Reads top to bottom as the pipeline in DESIGN.md; each step is a function below. Nothing device-specific here.
+Reads top to bottom as the pipeline in DESIGN.md; each step is a function below (the per-device ones in accounting.py:
+a model split over several GPUs is measured, budgeted, cast, released and reported per device). Nothing
+device-specific here.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ import torch
 from torch import nn
 
 from . import attention, backends, blocks, memory, plan
+from .accounting import (
+    DeviceShare,
+    check_fits,
+    chunks_of,
+    device_targets,
+    finish_on_devices,
+    measure_after,
+    measure_before,
+    share_casts,
+    smallest_chunk,
+)
 from .backends import Target
-from .cast import CastJournal, chunked, required_bytes
-from .errors import MemoryPressureError
+from .cast import CastJournal
 from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer, may_need_input_cast
 from .flow import install as install_flow_hooks
 from .index import ModelIndex
 from .memory import MemorySnapshot
 from .models import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
-from .report import PrepReport
+from .report import DeviceMemory, PrepReport
 from .transaction import Transaction
 
 ACTIVATIONS = ("fp32", "layer", "native")
@@ -99,7 +111,8 @@ def prepare(
         ValueError: bad arguments, an unavailable device, a model on another device, nothing matched by
             ``target_modules``, an explicit ``token_blocks`` size for a model whose head and loss cannot run in
             blocks (all before any change).
-        MemoryPressureError: the casts would not fit in the measured free memory (before any change).
+        MemoryPressureError: the casts would not fit in the free memory measured on a device the model lives on
+            (each device of a device_map split is checked on its own; the error names it), before any change.
     """
     device, use_gradient_checkpointing = _peft_positional_compat(device, use_gradient_checkpointing)
     check_options(
@@ -113,26 +126,26 @@ def prepare(
     index = check_model(model)
     check_checkpointing_support(model, use_gradient_checkpointing, gradient_checkpointing_kwargs)
     target, move_to = resolve_target(index, device)
-    target.backend.reset_peak(target.device)
-    before = memory.take(target)
+    targets = device_targets(target, index.devices, move_to)
+    befores = measure_before(targets)
     started = time.perf_counter()
 
     changes = plan.build(model, upcast, target_modules, frozen_norms, index)
-    blocks_plan = plan_token_blocks(model, token_blocks, target, before)
-    budget, budget_source = chunk_budget(target, before, chunk_bytes)
-    chunks = chunked(changes.casts, budget)
-    required = required_bytes(chunks) + (_model_bytes(model) if move_to is not None else 0)
-    check_fits(target, before, required, budget)
+    blocks_plan = plan_token_blocks(model, token_blocks, targets[0], befores[0])
+    moved_bytes = _model_bytes(model) if move_to is not None else 0
+    shares = share_casts(targets, befores, changes.casts, chunk_bytes, moved_bytes)
+    check_fits(shares)
 
     previous = getattr(model, STATE_ATTRIBUTE, None)
-    samples: list[MemorySnapshot] = []
     with Transaction(model, index) as transaction:
         if move_to is not None:
             move_model(model, index.devices[0], move_to, transaction)
         freeze_base_weights(model, index)
-        cast_in_chunks(chunks, target, samples, transaction)
+        cast_in_chunks(shares, transaction)
         supersede_previous_overrides(previous, transaction)
-        handles, guarded = add_dtype_flow_hooks(model, index, changes, activations, budget, transaction)
+        handles, guarded = add_dtype_flow_hooks(
+            model, index, changes, activations, smallest_chunk(shares).chunk_bytes, transaction
+        )
         attention_handles, attention_choice = install_fp32_attention(
             model, target, activations, upcast, previous, transaction
         )
@@ -141,19 +154,14 @@ def prepare(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
         handles += keep_inputs_off_the_leaves(model, checkpointing, transaction)
-        finish_on_device(target)
-        after = memory.take(target)
+        finish_on_devices(shares)
+        devices = measure_after(shares)
         report = build_report(
             target,
             changes,
             activations,
-            budget,
-            budget_source,
-            chunks,
-            required,
-            before,
-            after,
-            samples,
+            shares,
+            devices,
             time.perf_counter() - started,
             checkpointing,
             move_to,
@@ -317,14 +325,6 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def chunk_budget(target: Target, before: MemorySnapshot, chunk_bytes: int | None) -> tuple[int, str]:
-    if chunk_bytes is not None:
-        return chunk_bytes, "argument"
-    default = target.backend.chunk_budget(None, before.unified)
-    budget = target.backend.chunk_budget(before.headroom, before.unified)
-    return budget, "backend default" if budget == default else "shrunk by memory pressure"
-
-
 def plan_token_blocks(
     model: nn.Module, token_blocks: int | str | None, target: Target, before: MemorySnapshot
 ) -> blocks.BlocksPlan | None:
@@ -338,11 +338,6 @@ def plan_token_blocks(
         return tokens, "backend default" if tokens == default else "shrunk by memory pressure"
 
     return blocks.build_plan(model, token_blocks, size)
-
-
-def check_fits(target: Target, before: MemorySnapshot, required: int, budget: int) -> None:
-    if before.headroom is not None and required > before.headroom:
-        raise MemoryPressureError(str(target.device), required, before.headroom, budget)
 
 
 # ---- changes (inside the transaction) -------------------------------------------------------------------------------
@@ -370,22 +365,28 @@ def freeze_base_weights(model: nn.Module, index: ModelIndex) -> None:
                 own.requires_grad_(False)
 
 
-def cast_in_chunks(
-    chunks: list[list[plan.ParamCast]], target: Target, samples: list[MemorySnapshot], transaction: Transaction
-) -> None:
+def cast_in_chunks(shares: list[DeviceShare], transaction: Transaction) -> None:
+    """Each device's casts in its own chunks; one journal undoes them all, newest first."""
     journal = CastJournal()
     transaction.on_undo(journal.undo)
-    for index, chunk in enumerate(chunks):
-        try:
-            journal.apply(chunk)
-        except BaseException as error:
-            _say_which_chunk(error, index, chunks)
-            raise
-        if len(chunks) > 1 and index < len(chunks) - 1:
-            samples.append(memory.take(target))  # peak polling where the allocator keeps no peak (MPS < 2.13, CPU)
+    every = chunks_of(shares)
+    done = 0
+    for share in shares:
+        for position, chunk in enumerate(share.chunks):
+            try:
+                journal.apply(chunk)
+            except BaseException as error:
+                _say_which_chunk(error, done, every, share.device)
+                raise
+            done += 1
+            if position < len(share.chunks) - 1:
+                # peak polling where the allocator keeps no peak (MPS < 2.13, CPU)
+                share.samples.append(memory.take(share.target))
 
 
-def _say_which_chunk(error: BaseException, index: int, chunks: list[list[plan.ParamCast]]) -> None:
+def _say_which_chunk(
+    error: BaseException, index: int, chunks: list[list[plan.ParamCast]], device: str | None = None
+) -> None:
     """A note on an error raised while casting: which chunk, what it casts, and for an out-of-memory what to do."""
     add_note = getattr(error, "add_note", None)  # Python 3.11 and later
     if add_note is None:
@@ -394,7 +395,8 @@ def _say_which_chunk(error: BaseException, index: int, chunks: list[list[plan.Pa
     new = sum(c.new_bytes for c in chunk) / (1 << 20)
     names = ", ".join(c.name for c in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
     add_note(
-        f"portable_kbit: raised while casting chunk {index + 1} of {len(chunks)} to fp32 ({len(chunk)} tensors, "
+        f"portable_kbit: raised while casting chunk {index + 1} of {len(chunks)} to fp32"
+        f"{f' on {device}' if device else ''} ({len(chunk)} tensors, "
         f"{new:.1f} MiB new: {names}), after {index} chunks were done."
     )
     if isinstance(error, torch.OutOfMemoryError):
@@ -524,42 +526,37 @@ def retire_previous_hooks(previous: PrepState | None) -> None:
         remove_all(previous.hook_handles)
 
 
-def finish_on_device(target: Target) -> None:
-    # Once, after the whole cast loop: per-module cache releases caused illegal memory accesses elsewhere.
-    target.backend.synchronize(target.device)
-    target.backend.release(target.device)
-
-
 # ---- the record -----------------------------------------------------------------------------------------------------
 
 
 def build_report(
-    target,
-    changes,
-    activations,
-    budget,
-    budget_source,
-    chunks,
-    required,
-    before,
-    after,
-    samples,
-    seconds,
-    checkpointing,
-    move_to,
-    guarded,
-    attention_choice,
-    blocks_plan=None,
+    target: Target,
+    changes: plan.Plan,
+    activations: str,
+    shares: list[DeviceShare],
+    devices: dict[str, DeviceMemory],
+    seconds: float,
+    checkpointing: dict | None,
+    move_to: torch.device | None,
+    guarded: int,
+    attention_choice: attention.AttentionChoice,
+    blocks_plan: blocks.BlocksPlan | None = None,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
         notes.append(f"moved the model from cpu to {move_to} before preparing it")
     if attention_choice.note is not None:
         notes.append(attention_choice.note)
+    if len(devices) > 1:
+        notes.append(
+            f"the model lives on {', '.join(devices)}: each device's casts were checked against its own "
+            "headroom (see devices)"
+        )
     quantizers: dict[str, int] = {}
     for kind in changes.quantized.values():
         quantizers[kind] = quantizers.get(kind, 0) + 1
-    peak = memory.peak_of(before, [*samples, memory.take(target)])
+    first = devices[str(target.device)]
+    smallest = smallest_chunk(shares)
     return PrepReport(
         backend=target.backend.name,
         device=str(target.device),
@@ -573,21 +570,22 @@ def build_report(
         skipped_quantized=len(changes.quantized),
         quantizers=quantizers,
         adapters_from=changes.adapter_spec.source if changes.adapter_spec else None,
-        chunk_bytes=budget,
-        chunk_bytes_source=budget_source,
-        chunks=len(chunks),
-        required_bytes=required,
-        headroom_bytes=before.headroom,
+        chunk_bytes=smallest.chunk_bytes,
+        chunk_bytes_source=smallest.chunk_bytes_source,
+        chunks=len(chunks_of(shares)),
+        required_bytes=sum(share.required for share in shares),
+        headroom_bytes=first.before.headroom,
         seconds=seconds,
         trace_seconds=changes.trace_seconds,
         gradient_checkpointing=checkpointing is not None,
-        before=before,
-        after=after,
-        peak=peak,
+        before=first.before,
+        after=first.after,
+        peak=first.peak,
         notes=notes,
         attention=attention_choice.implementation,
         attention_reason=attention_choice.reason,
         **_blocks_report(blocks_plan),
+        devices=devices,
     )
 
 

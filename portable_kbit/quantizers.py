@@ -11,18 +11,14 @@ import importlib.util
 
 import torch
 
+from . import backends
+from .backends import Backend
+
 #: quantizers the probe knows (the names of portable_kbit.tiny.QUANTIZERS, without "none")
 PROBED = ("bnb-nf4", "bnb-fp4", "bnb-8bit", "quanto-int4", "quanto-int8", "quanto-float8")
 
-#: preferred order per backend: bitsandbytes on CUDA, ROCm and CPU; optimum-quanto on MPS and as the fallback
-#: everywhere (bitsandbytes >= 0.50 has an MPS backend too, tried second there).
-PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("bnb-nf4", "quanto-int4"),
-    "rocm": ("bnb-nf4", "quanto-int4"),
-    "cpu": ("bnb-nf4", "quanto-int4"),
-    "mps": ("quanto-int4", "bnb-nf4"),
-}
-FALLBACK = ("bnb-nf4", "quanto-int4")
+#: the order tried for a backend name that is not registered (each Backend says its own: preferred_quantizers)
+FALLBACK: tuple[str, ...] = Backend.preferred_quantizers
 
 PACKAGES = {"bnb": "bitsandbytes", "quanto": "optimum.quanto"}
 
@@ -44,8 +40,10 @@ def installed(quantizer: str) -> bool:
 
 
 def preference(backend_name: str) -> tuple[str, ...]:
-    """The quantizers to try on a backend, best first."""
-    return PREFERENCE.get(backend_name, FALLBACK)
+    """The quantizers to try on a backend, best first: its Backend's ``preferred_quantizers``."""
+    if backend_name not in backends.REGISTRY:
+        return FALLBACK
+    return backends.get(backend_name).preferred_quantizers
 
 
 def probe(quantizer: str, device: str | torch.device = "cpu") -> str | None:

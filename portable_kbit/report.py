@@ -14,7 +14,46 @@ def _delta(after: int | None, before: int | None) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """One device's memory over a prepare() call, and what its casts needed there."""
+
+    before: MemorySnapshot
+    after: MemorySnapshot
+    peak: MemorySnapshot
+    required_bytes: int  # what this device's casts needed at their worst moment (checked against before.headroom)
+    chunk_bytes: int  # this device's chunk budget
+    chunks: int
+
+    @property
+    def allocated_delta(self) -> int | None:
+        return _delta(self.after.allocated, self.before.allocated)
+
+    @property
+    def peak_allocated_delta(self) -> int | None:
+        return _delta(self.peak.allocated, self.before.allocated)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "peak": self.peak.to_dict(),
+            "required_bytes": self.required_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "chunks": self.chunks,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepReport:
+    """What one prepare() call did and what it cost.
+
+    ``devices`` has one DeviceMemory per device the model lives on ("cuda:0", "cuda:1" for a device_map split; one
+    entry for a one-device model). ``device``, ``before``, ``after``, ``peak`` and ``headroom_bytes`` are those of
+    the first of them (the device of the first parameter, usually the embeddings'): for a one-device model, the
+    device. ``required_bytes`` and ``chunks`` are totals over the devices; ``chunk_bytes`` is the smallest device
+    budget (it also sizes the blocks of an fp32 lm_head).
+    """
+
     backend: str
     device: str
     policy: str
@@ -49,6 +88,7 @@ class PrepReport:
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
     blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
     not_blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # module (or layer pattern) -> why not
+    devices: dict[str, DeviceMemory] = dataclasses.field(default_factory=dict)
 
     @property
     def allocated_delta(self) -> int | None:
@@ -78,6 +118,7 @@ class PrepReport:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("before", "after", "peak"):
             out[name] = getattr(self, name).to_dict()
+        out["devices"] = {device: memory.to_dict() for device, memory in self.devices.items()}
         out["deltas"] = {
             "allocated": self.allocated_delta,
             "reserved": self.reserved_delta,
@@ -117,5 +158,12 @@ class PrepReport:
                 f"{len(self.blocked_mlps)} MLPs"
             )
             lines += [f"  not blocked: {name}: {why}" for name, why in self.not_blocked.items()]
+        if len(self.devices) > 1:
+            lines += [
+                f"  {device}: allocated {mib(share.allocated_delta)}, peak allocated "
+                f"{mib(share.peak_allocated_delta)}, {share.chunks} chunk(s) needing "
+                f"{share.required_bytes / MiB:.1f} MiB"
+                for device, share in self.devices.items()
+            ]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)

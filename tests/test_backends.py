@@ -10,7 +10,6 @@ What each backend must read, from where, on which torch version (see shared/note
 from __future__ import annotations
 
 import collections
-import importlib
 import types
 
 import psutil
@@ -19,13 +18,11 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit import backends, tiny
+from portable_kbit import accounting, backends, tiny
 from portable_kbit.backends import BackendUnavailableError
 from portable_kbit.backends import mps as mps_module
 from portable_kbit.backends.base import MiB
 from portable_kbit.models import is_checkpointing
-
-prepare_module = importlib.import_module("portable_kbit.prepare")  # the package's `prepare` is the function
 
 GiB = 1 << 30
 HOST_AVAILABLE = 9 * GiB
@@ -330,7 +327,7 @@ def test_chunk_budget_is_smaller_on_unified_memory(monkeypatch, host, name, hip)
         target = backends.resolve(name)
         before = portable_kbit.snapshot(name)
         assert before.unified is integrated
-        budgets[integrated], _ = prepare_module.chunk_budget(target, before, None)
+        budgets[integrated], _ = accounting.chunk_budget(target, before, None)
     assert budgets[True] < budgets[False]
     backend = backends.get(name)
     # the same measured headroom gives a smaller chunk on shared memory, and shrinks under pressure
@@ -688,3 +685,23 @@ def test_compare_caps_through_the_backend(monkeypatch, host, cuda_caps, mps_caps
         compare.cap_memory(backends.resolve("cpu"), 0.5)
     with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
         compare.cap_memory(backends.resolve("cuda"), 1.5)
+
+
+# ---- quantizer preference: the Backend's ------------------------------------------------------------------------
+
+
+def test_quantizer_preference_comes_from_the_backend(monkeypatch):
+    from portable_kbit import quantizers
+    from portable_kbit.backends.cpu import CpuBackend
+
+    assert quantizers.preference("mps") == backends.get("mps").preferred_quantizers == ("quanto-int4", "bnb-nf4")
+    for name in ("cuda", "rocm", "cpu"):
+        assert quantizers.preference(name) == ("bnb-nf4", "quanto-int4"), name
+    assert quantizers.preference("not-a-backend") == quantizers.FALLBACK
+
+    class Int8FirstCpu(CpuBackend):
+        preferred_quantizers = ("quanto-int8", "bnb-nf4")
+
+    monkeypatch.setitem(backends._instances, "cpu", Int8FirstCpu())
+    assert quantizers.preference("cpu") == ("quanto-int8", "bnb-nf4")
+    assert quantizers.choose("cpu") == "quanto-int8"  # checked for being installed (the test extra installs it)

@@ -186,8 +186,13 @@ def test_model_split_over_two_gpus_by_device_map():
         quantization_config=tiny.quantization_config("bnb-nf4"),
     )
     refused(model, ValueError, r"but device='cuda:0'", "cuda:0")
-    portable_kbit.prepare(model, target_modules=TARGETS)
+    portable_kbit.prepare(model, target_modules=TARGETS, frozen_norms="upcast")
     assert {p.device.index for n, p in model.named_parameters() if "norm" in n} == {0, 1}
+    report = portable_kbit.report(model)
+    assert list(report.devices) == ["cuda:0", "cuda:1"]  # each measured, checked and released on its own
+    for device, share in report.devices.items():
+        assert share.before.device == device and share.after.allocated is not None and share.chunks >= 1
+    assert report.required_bytes == sum(share.required_bytes for share in report.devices.values())
     _, losses = tiny.train_lora(model, TARGETS, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
 

@@ -121,6 +121,9 @@ class Backend:
     unified_max_block_bytes: int = 128 * MiB
     min_block_tokens: int = 128
     block_token_multiple: int = 64
+    #: quantizers to try here, best first (names of portable_kbit.tiny.QUANTIZERS): bitsandbytes nf4, then
+    #: optimum-quanto int4 as the fallback that runs everywhere
+    preferred_quantizers: tuple[str, ...] = ("bnb-nf4", "quanto-int4")
 
     def available(self) -> bool:
         return self.why_unavailable() is None

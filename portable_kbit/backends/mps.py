@@ -41,6 +41,9 @@ class MpsBackend(Backend):
     def __init__(self) -> None:
         self._fraction: float | None = None  # what set_memory_fraction last set (torch has no getter on MPS)
 
+    # optimum-quanto first: bitsandbytes >= 0.50 has an MPS backend too (needs torch >= 2.9), tried second
+    preferred_quantizers = ("quanto-int4", "bnb-nf4")
+
     def why_unavailable(self) -> str | None:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_built():
