@@ -3,8 +3,9 @@
 # repository root, with bitsandbytes / optimum-quanto wheels in .whl/ (the machine has no network):
 #   benchmarks/gpu_run.sh OUT_DIR STAGE...
 # Stages: install, preset, phases, prepare-time, curves, attention, long-fit, long-fit-expandable, long-time,
-# forecast, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages). Each writes into OUT_DIR;
-# logs go to OUT_DIR/*.log.
+# forecast, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages), and
+# pytest-since-run-2 (the test files whose code changed after the second run). Each writes into OUT_DIR; logs go to
+# OUT_DIR/*.log.
 set -uo pipefail
 out="$1"; shift
 mkdir -p "$out"
@@ -52,6 +53,20 @@ for stage in "$@"; do
     forecast)
         python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out" --timeout 300 \
             > "$out/forecast.log" 2>&1
+        ;;
+    oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
+        python3 benchmarks/oom_midprepare.py --device cuda --out "$out/oom_midprepare.json" > "$out/oom.log" 2>&1
+        ;;
+    fsdp-1gpu)  # benchmarks/fsdp_qlora.py: the unsharded reference, then one rank under torchrun (nccl)
+        python3 benchmarks/fsdp_qlora.py --single --preset mistral-7b --out "$out/fsdp" > "$out/fsdp.log" 2>&1 &&
+            torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_qlora.py --preset mistral-7b --out "$out/fsdp" \
+                >> "$out/fsdp.log" 2>&1
+        ;;
+    pytest-since-run-2)
+        python3 -m pytest -q -p no:cacheprovider tests/test_frozen_norms.py tests/test_forecast.py \
+            tests/test_layer_mode.py tests/test_blocks.py tests/test_fsdp.py tests/test_attention.py \
+            tests/test_devices.py tests/test_consumers.py tests/test_patch.py tests/test_cli.py \
+            tests/test_oom_midprepare.py > "$out/pytest-cuda-since-run-2.log" 2>&1
         ;;
     pytest)
         python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1
