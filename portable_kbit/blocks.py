@@ -39,9 +39,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from . import plan
-from .flow import ForwardOverride
+from .flow import AttributeOverride, ForwardOverride
 from .index import ModelIndex
-from .models import hf_model, loss_function, output_embeddings
+from .models import hf_model, loss_function, output_embeddings, set_training_flags
 
 AUTO = "auto"
 IGNORE_INDEX = -100
@@ -443,7 +443,7 @@ def _trace(model: nn.Module, inputs_kind: str, one_layer_each: bool) -> Trace:
             if head is not None:
                 handles.append(head.register_forward_hook(on_head))
             model.__dict__["_loss_function"] = loss_stand_in
-            model.train()  # as plan's trace: bitsandbytes repacks CPU weights on an eval-mode forward
+            set_training_flags(model)  # as plan's trace: bitsandbytes repacks CPU weights on an eval-mode forward
             with torch.no_grad():
                 try:
                     model(**_trace_inputs(model, inputs_kind), use_cache=False)
@@ -653,26 +653,6 @@ def _widest_leaf(module: nn.Module) -> int:
 
 
 # ---- installed on the model -----------------------------------------------------------------------------------------
-
-
-class AttributeOverride:
-    """An instance attribute set by prepare() (the model's loss_function), as a removable handle: removing it
-    restores what was there before, unless a later prepare() replaced it (that one restores the original itself)."""
-
-    def __init__(self, obj: nn.Module, attribute: str, value: Any) -> None:
-        self.obj, self.attribute, self.value = obj, attribute, value
-        current = obj.__dict__.get(attribute, _MISSING)
-        self.previous = getattr(current, "replaced", current)
-        value.replaced = self.previous
-        obj.__dict__[attribute] = value
-
-    def remove(self) -> None:
-        if self.obj.__dict__.get(self.attribute, _MISSING) is not self.value:
-            return
-        if self.previous is _MISSING:
-            self.obj.__dict__.pop(self.attribute, None)
-        else:
-            self.obj.__dict__[self.attribute] = self.previous
 
 
 @dataclasses.dataclass

@@ -290,17 +290,25 @@ class ForwardOverride:
     def __init__(self, module: nn.Module, make_forward: Callable[[Forward], Forward]) -> None:
         self.module = module
         self.superseded = False
+        self._make_forward = make_forward
         current = module.__dict__.get("forward")
         while (older := _override_of(current)) is not None and older.superseded:
             current = older.previous
+        self._wrap(current)
+
+    def _wrap(self, current: Forward | None) -> None:
         self.previous: Forward | None = current
         # the class's forward looked up at call time: FSDP2's fully_shard swaps the module's class after prepare()
         # (and transformers' checkpointing wrapper checkpoints only when it is the class's own forward)
-        call_previous = current if current is not None else functools.partial(_class_forward, module)
-        forward = make_forward(call_previous)
+        call_previous = current if current is not None else functools.partial(_class_forward, self.module)
+        forward = self._make_forward(call_previous)
         forward.override = self  # type: ignore[attr-defined]  # a function attribute: finds this handle again
         self.forward = forward
-        module.__dict__["forward"] = forward
+        self.module.__dict__["forward"] = forward
+
+    def rewrap(self) -> None:
+        """Wrap what stands there now: something outside replaced the instance forward (transformers' kernelize)."""
+        self._wrap(self.module.__dict__.get("forward"))
 
     def remove(self) -> None:
         if self.module.__dict__.get("forward") is not self.forward:
@@ -309,6 +317,46 @@ class ForwardOverride:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.previous
+
+
+def rewrap_replaced(overrides: Sequence[ForwardOverride]) -> int:
+    """Put back the overrides whose module's forward was replaced from outside, in the order they were made (one
+    wrapping another stays so); a module whose newest override still stands is left alone. Returns how many."""
+    by_module: dict[nn.Module, list[ForwardOverride]] = {}
+    for override in overrides:
+        by_module.setdefault(override.module, []).append(override)
+    rewrapped = 0
+    for module, stack in by_module.items():
+        if module.__dict__.get("forward") is stack[-1].forward:
+            continue
+        for override in stack:
+            override.rewrap()
+        rewrapped += len(stack)
+    return rewrapped
+
+
+_MISSING = object()
+
+
+class AttributeOverride:
+    """An instance attribute set by prepare() (the model's loss_function, set_use_kernels), as a removable handle:
+    removing it restores what was there before, unless a later prepare() replaced it (that one restores the original
+    itself). `value` must take attributes: it is given `replaced`, what it replaced."""
+
+    def __init__(self, obj: nn.Module, attribute: str, value: Any) -> None:
+        self.obj, self.attribute, self.value = obj, attribute, value
+        current = obj.__dict__.get(attribute, _MISSING)
+        self.previous = getattr(current, "replaced", current)
+        value.replaced = self.previous
+        obj.__dict__[attribute] = value
+
+    def remove(self) -> None:
+        if self.obj.__dict__.get(self.attribute, _MISSING) is not self.value:
+            return
+        if self.previous is _MISSING:
+            self.obj.__dict__.pop(self.attribute, None)
+        else:
+            self.obj.__dict__[self.attribute] = self.previous
 
 
 def computes_in_fp32(module: nn.Module) -> bool:

@@ -38,7 +38,7 @@ from . import backends, memory
 from .backends import Target
 from .livebytes import LiveTensorBytes, is_fake, transformers_sees_no_tracing
 from .memory import MiB, human_bytes
-from .models import hf_model, input_embeddings
+from .models import hf_model, input_embeddings, set_training_flags
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096)
 #: the calibration step's length (or the shortest length asked for, if shorter)
@@ -594,7 +594,7 @@ class FakeSteps:
         model = self.model
         with closing_checkpoints_on_error(), untouched(model) as trainable, transformers_sees_no_tracing():
             foreach = _default_foreach(trainable)
-            model.train()  # transformers checkpoints activations only in training mode
+            set_training_flags(model)  # transformers checkpoints activations only in training mode
             for tensor in [*model.parameters(), *model.buffers()]:
                 tracker.adopt(tensor)
             with fake_mode, tracker:
@@ -634,7 +634,7 @@ def measure_step(model: nn.Module, target: Target, seq_len: int, batch_size: int
     tracker = LiveTensorBytes(device)
     with closing_checkpoints_on_error(), untouched(model) as trainable, backend.preserved_rng(device):
         saved = [p.detach().to("cpu", copy=True) for p in trainable]  # host copies: no device memory
-        model.train()
+        set_training_flags(model)
         try:
             backend.synchronize(device)
             before = backend.allocator_stats(device)

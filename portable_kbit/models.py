@@ -13,6 +13,15 @@ import torch
 from torch import nn
 
 
+def set_training_flags(model: nn.Module) -> None:
+    """Every module's ``training`` flag set, as ``model.train()`` sets them, without calling it: from transformers
+    5.25, ``PreTrainedModel.train()`` re-kernelizes a model loaded with ``use_kernels`` (a bitsandbytes model is, when
+    the ``kernels`` package is installed), which swaps layer forwards: a lasting change a trace or a forecast must not
+    make. The caller restores the flags it saved."""
+    for module in model.modules():
+        module.training = True
+
+
 def is_peft_model(model: nn.Module) -> bool:
     import peft
 

@@ -400,14 +400,14 @@ def _trace(
         for name in firsts:
             # prepend: see the input before hooks of an earlier prepare() (a dtype guard) replace it with a cast copy
             handles.append(modules[name].register_forward_pre_hook(on_adapted(name), with_kwargs=True, prepend=True))
+        # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
+        # forward, a lasting change to a quantized weight. The flags only, restored below: train() recurses (a ms on
+        # 7B models) and, from transformers 5.25, re-kernelizes (models.set_training_flags).
+        for module in index.modules.values():
+            module.training = True
         if inputs_kind == "real":
-            # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the
-            # first forward, a lasting change to a quantized weight. Flags are restored below.
-            model.train()
             inputs = _trace_input(runner)
         else:
-            for module in index.modules.values():  # what train() sets, without its recursion (a ms on 7B models)
-                module.training = True
             _stub_weighted_modules(modules, stubbed)
             inputs = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device="meta")}
             if inputs_kind == "meta with a 4-D mask":

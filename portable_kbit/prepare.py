@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import attention, backends, blocks, memory, plan
+from . import attention, backends, blocks, hub_kernels, memory, plan
 from .accounting import (
     DeviceShare,
     check_fits,
@@ -154,6 +154,7 @@ def prepare(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
         handles += keep_inputs_off_the_leaves(model, checkpointing, transaction)
+        handles += keep_forwards_through_kernelization(model, handles, transaction)
         finish_on_devices(shares)
         devices = measure_after(shares)
         report = build_report(
@@ -508,6 +509,15 @@ def keep_inputs_off_the_leaves(model: nn.Module, checkpointing: dict | None, tra
     handle = embeddings.register_forward_hook(_copy_of_leaf_output)
     transaction.on_undo(handle.remove)
     return [handle]
+
+
+def keep_forwards_through_kernelization(model: nn.Module, handles: list, transaction: Transaction) -> list:
+    """transformers (5.25+) kernelizes the model again on train()/eval(), which drops instance forwards: this call's
+    forward overrides are put back after each kernelization (hub_kernels)."""
+    overrides = [h for h in handles if isinstance(h, ForwardOverride)]
+    wrappers = hub_kernels.follow_kernelization(hf_model(model), overrides)
+    transaction.on_undo(lambda: remove_all(wrappers))
+    return wrappers
 
 
 def _copy_of_leaf_output(module: nn.Module, args: tuple, output: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import nn
 
+from .hub_kernels import KERNELIZING_METHODS
 from .index import ModelIndex
 
 HOOK_DICTS = (
@@ -19,8 +20,14 @@ HOOK_DICTS = (
     "_forward_hooks_always_called",
 )
 # instance attributes prepare() may set: transformers' input-gradient hooks, our fp32 forward for lm_head and the
-# blocked MLP forwards, the blocked loss_function (token blocks)
-RESTORED_ATTRIBUTES = ("_require_grads_hook", "_require_grads_hooks", "forward", "_loss_function")
+# blocked MLP forwards, the blocked loss_function (token blocks), the wrappers that follow a kernelization
+RESTORED_ATTRIBUTES = (
+    "_require_grads_hook",
+    "_require_grads_hooks",
+    "forward",
+    "_loss_function",
+    *KERNELIZING_METHODS,
+)
 
 _MISSING = object()
 

@@ -194,6 +194,7 @@ STEPS = {
     "flow hooks (half installed)": ("install_flow_hooks", lambda original: _partial_hooks_then_fail),
     "fp32 attention": ("install_fp32_attention", _fail_after),
     "gradient checkpointing": ("enable_gradient_checkpointing", _fail_after),
+    "kernelization wrappers": ("keep_forwards_through_kernelization", _fail_after),
     "finish on devices": ("finish_on_devices", _fail_after),
     "report": ("build_report", _fail_after),
     "freeze": ("freeze_base_weights", _fail_after),
