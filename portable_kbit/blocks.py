@@ -324,16 +324,8 @@ def _shape_only_layers(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    stubbed: dict[nn.Module, Any] = {}  # module -> the instance forward it had (an earlier prepare()'s fp32 head)
-    try:
-        plan._stub_weighted_modules(ModelIndex(model).modules, stubbed)
+    with plan.shape_only_stand_ins(ModelIndex(model).modules):
         yield
-    finally:
-        for module, forward in stubbed.items():
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = forward
 
 
 def _trace(model: nn.Module, inputs_kind: str, one_layer_each: bool) -> Trace:

@@ -6,11 +6,12 @@ output each adapted module consumes; it stops as soon as every kind of adapted m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -289,6 +290,26 @@ def _stub_weighted_modules(modules: dict[str, nn.Module], stubbed: dict[nn.Modul
         module.__dict__["forward"] = stand_in
 
 
+def _put_back_forwards(stubbed: dict[nn.Module, Any]) -> None:
+    for module, forward in stubbed.items():
+        if forward is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = forward
+
+
+@contextlib.contextmanager
+def shape_only_stand_ins(modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Shape-only stand-ins for the forwards of the weight-holding layers (for a trace on meta), for the block;
+    what was in each instance forward (an earlier prepare()'s fp32 head) is put back after it."""
+    stubbed: dict[nn.Module, Any] = {}
+    try:
+        _stub_weighted_modules(modules, stubbed)
+        yield
+    finally:
+        _put_back_forwards(stubbed)
+
+
 class _CannotTraceOnMeta(Exception):
     pass
 
@@ -420,11 +441,7 @@ def _trace(
             except _TraceDone:
                 pass
     finally:
-        for module, forward in stubbed.items():
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = forward
+        _put_back_forwards(stubbed)
         for handle in handles:
             handle.remove()
         for module, training in was_training.items():
