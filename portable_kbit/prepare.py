@@ -97,7 +97,8 @@ def prepare(
             fp32 (version 0.1's behaviour; the same numerics).
         use_gradient_checkpointing: enable transformers' gradient checkpointing (and input gradients where the
             reentrant variant needs them), as peft does.
-        gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``).
+        gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint`` (e.g. ``{"use_reentrant": False}``);
+            without ``use_reentrant``, torch's default ``use_reentrant=True`` is passed explicitly (torch warns).
         chunk_bytes: bytes of new fp32 tensors per cast chunk; default: the backend's, shrunk under memory pressure.
         token_blocks: long sequences in less memory. ``"auto"``: when the model is trained through its forward
             with ``labels`` (training mode), the output head and the loss run in blocks of the backend's block size
@@ -485,7 +486,9 @@ def enable_gradient_checkpointing(
     """
     if not enabled:
         return None
-    kwargs = dict(kwargs or {})
+    # torch's default (reentrant), said explicitly: torch warns at every checkpointed call without it that a later
+    # release will raise (peft's function passes {} and gets the warning)
+    kwargs = {"use_reentrant": True, **(kwargs or {})}
     base = hf_model(model)
     if previous is not None and previous.checkpointing_kwargs == kwargs and _input_grads_enabled(base):
         return kwargs
