@@ -36,7 +36,7 @@ from torch import nn
 
 from . import backends, memory
 from .backends import Target
-from .livebytes import LiveTensorBytes, is_fake, transformers_sees_no_tracing
+from .livebytes import LiveTensorBytes, is_fake, parameter_subclasses_pass_fake_mode, transformers_sees_no_tracing
 from .memory import MiB, human_bytes
 from .models import hf_model, input_embeddings, set_training_flags
 
@@ -592,7 +592,12 @@ class FakeSteps:
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         tracker = LiveTensorBytes(self.device, fake_mode)
         model = self.model
-        with closing_checkpoints_on_error(), untouched(model) as trainable, transformers_sees_no_tracing():
+        with (
+            closing_checkpoints_on_error(),
+            untouched(model) as trainable,
+            transformers_sees_no_tracing(),
+            parameter_subclasses_pass_fake_mode(),
+        ):
             foreach = _default_foreach(trainable)
             set_training_flags(model)  # transformers checkpoints activations only in training mode
             for tensor in [*model.parameters(), *model.buffers()]:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -309,3 +310,34 @@ def transformers_sees_no_tracing() -> Iterator[None]:
         yield
     finally:
         import_utils.is_fake_tensor = original
+
+
+def _metadata_only_parameter_subclass(x: object) -> bool:
+    """A Parameter subclass that keeps Tensor's (disabled) __torch_dispatch__: bitsandbytes' Params4bit / Int8Params.
+    For dispatch it is a plain tensor; torch 2.13's FakeTensorMode says so, torch 2.11's refuses it."""
+    x_type = type(x)
+    return issubclass(x_type, nn.Parameter) and x_type.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+
+
+@contextlib.contextmanager
+def parameter_subclasses_pass_fake_mode() -> Iterator[None]:
+    """While a fake step runs, FakeTensorMode lets a real metadata-only Parameter subclass (a bitsandbytes 4-bit
+    weight) through as it lets a Parameter, as torch 2.13 does. Before that (torch 2.11), its subclass check returned
+    NotImplemented for every op on such a weight ("Multiple dispatch failed for aten.view.default"), and the forecast
+    fell back to real steps. Only where the installed torch still refuses them; restored on exit."""
+    from torch._subclasses import fake_tensor
+
+    original = getattr(fake_tensor, "_check_for_subclass_arg", None)
+    probe = type("_Probe", (nn.Parameter,), {})(torch.empty(0), requires_grad=False)
+    if original is None or not original(probe):
+        yield
+        return
+
+    def check(x: object) -> bool:
+        return bool(original(x)) and not _metadata_only_parameter_subclass(x)
+
+    fake_tensor._check_for_subclass_arg = check
+    try:
+        yield
+    finally:
+        fake_tensor._check_for_subclass_arg = original
