@@ -319,20 +319,16 @@ class ForwardOverride:
             self.module.__dict__["forward"] = self.previous
 
 
-def rewrap_replaced(overrides: Sequence[ForwardOverride]) -> int:
+def rewrap_replaced(overrides: Sequence[ForwardOverride]) -> None:
     """Put back the overrides whose module's forward was replaced from outside, in the order they were made (one
-    wrapping another stays so); a module whose newest override still stands is left alone. Returns how many."""
+    wrapping another stays so); a module whose newest override still stands is left alone."""
     by_module: dict[nn.Module, list[ForwardOverride]] = {}
     for override in overrides:
         by_module.setdefault(override.module, []).append(override)
-    rewrapped = 0
     for module, stack in by_module.items():
-        if module.__dict__.get("forward") is stack[-1].forward:
-            continue
-        for override in stack:
-            override.rewrap()
-        rewrapped += len(stack)
-    return rewrapped
+        if module.__dict__.get("forward") is not stack[-1].forward:
+            for override in stack:
+                override.rewrap()
 
 
 _MISSING = object()
