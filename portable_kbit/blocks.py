@@ -435,7 +435,8 @@ def _trace(model: nn.Module, inputs_kind: str, one_layer_each: bool) -> Trace:
             if head is not None:
                 handles.append(head.register_forward_hook(on_head))
             model.__dict__["_loss_function"] = loss_stand_in
-            set_training_flags(model)  # as plan's trace: bitsandbytes repacks CPU weights on an eval-mode forward
+            # as plan's trace: bitsandbytes repacks CPU weights on an eval-mode forward
+            set_training_flags(model.modules())
             with torch.no_grad():
                 try:
                     model(**_trace_inputs(model, inputs_kind), use_cache=False)

@@ -599,7 +599,7 @@ class FakeSteps:
             parameter_subclasses_pass_fake_mode(),
         ):
             foreach = _default_foreach(trainable)
-            set_training_flags(model)  # transformers checkpoints activations only in training mode
+            set_training_flags(model.modules())  # transformers checkpoints activations only in training mode
             for tensor in [*model.parameters(), *model.buffers()]:
                 tracker.adopt(tensor)
             with fake_mode, tracker:
@@ -639,7 +639,7 @@ def measure_step(model: nn.Module, target: Target, seq_len: int, batch_size: int
     tracker = LiveTensorBytes(device)
     with closing_checkpoints_on_error(), untouched(model) as trainable, backend.preserved_rng(device):
         saved = [p.detach().to("cpu", copy=True) for p in trainable]  # host copies: no device memory
-        set_training_flags(model)
+        set_training_flags(model.modules())
         try:
             backend.synchronize(device)
             before = backend.allocator_stats(device)

@@ -6,19 +6,19 @@ as ``Tensor | Module``: these helpers say what each call returns, in one place, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 
-def set_training_flags(model: nn.Module) -> None:
+def set_training_flags(modules: Iterable[nn.Module]) -> None:
     """Every module's ``training`` flag set, as ``model.train()`` sets them, without calling it: from transformers
     5.25, ``PreTrainedModel.train()`` re-kernelizes a model loaded with ``use_kernels`` (a bitsandbytes model is, when
     the ``kernels`` package is installed), which swaps layer forwards: a lasting change a trace or a forecast must not
-    make. The caller restores the flags it saved."""
-    for module in model.modules():
+    make. ``modules``: ``model.modules()``, or an index's modules (no recursion). The caller restores the flags."""
+    for module in modules:
         module.training = True
 
 

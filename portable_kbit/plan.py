@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .index import ModelIndex, as_index
-from .models import hf_model, input_embeddings, is_peft_model, weight_of
+from .models import hf_model, input_embeddings, is_peft_model, set_training_flags, weight_of
 
 POLICIES = ("adjacent", "norms", "none", "peft")
 #: how a frozen norm the policy selects gets fp32: computed in fp32 at call time (its parameters keep their dtype), or
@@ -424,8 +424,7 @@ def _trace(
         # Training mode on purpose: in eval mode bitsandbytes (CPU) repacks 4-bit weights for inference on the first
         # forward, a lasting change to a quantized weight. The flags only, restored below: train() recurses (a ms on
         # 7B models) and, from transformers 5.25, re-kernelizes (models.set_training_flags).
-        for module in index.modules.values():
-            module.training = True
+        set_training_flags(index.modules.values())
         if inputs_kind == "real":
             inputs = _trace_input(runner)
         else:
