@@ -51,7 +51,7 @@ for stage in "$@"; do
             > "$out/long_time.log" 2>&1
         ;;
     forecast)
-        python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out" --timeout 300 --max-probes 4 \
+        python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out" --timeout 300 --max-probes 6 \
             > "$out/forecast.log" 2>&1
         ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit

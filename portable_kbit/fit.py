@@ -210,9 +210,15 @@ def verify_in_subprocess(
     }
 
 
+def allocatable(record: dict[str, Any]) -> int:
+    """The bytes of a forecast record's budget that a step's peak can fill (records written before the allocator's
+    share was modelled: the whole budget)."""
+    return int(record.get("allocatable_bytes", record["budget_bytes"]))
+
+
 def verify_lengths(record: dict[str, Any]) -> list[int]:
     """The lengths a forecast says fit (the requested ones that fit, and the longest), to verify."""
-    lengths = {int(k) for k, v in record["peak_bytes"].items() if v <= record["budget_bytes"]}
+    lengths = {int(k) for k, v in record["peak_bytes"].items() if v <= allocatable(record)}
     if record.get("longest_seq_len"):
         lengths.add(int(record["longest_seq_len"]))
     return sorted(lengths)
@@ -227,10 +233,12 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     for forecast_record in (r for r in records if r.get("kind") == "forecast"):
         mode = forecast_record["mode"]
         budget = forecast_record["budget_bytes"]
+        fillable = allocatable(forecast_record)
         verified = {r["seq_len"]: r for r in records if r.get("kind") == "verify" and r.get("mode") == mode}
         lines = [
             f"activations={mode}: {forecast_record['method']} on {forecast_record['device']} in "
-            f"{forecast_record['seconds']:.1f} s; budget {human_bytes(budget)} ({forecast_record['budget_source']})",
+            f"{forecast_record['seconds']:.1f} s; budget {human_bytes(budget)} ({forecast_record['budget_source']}), "
+            f"of which a step can fill {human_bytes(fillable)} ({forecast_record.get('allocator', 'as counted')})",
             "",
             "| seq_len | predicted peak (MiB) | fits | measured peak (MiB) | measured / predicted |",
             "|---|---|---|---|---|",
@@ -242,7 +250,7 @@ def table(records: Sequence[dict[str, Any]]) -> str:
         for seq_len in sorted(set(predictions) | set(verified)):
             predicted = predictions.get(seq_len)
             check = verified.get(seq_len)
-            fits = "" if predicted is None else ("yes" if predicted <= budget else "no")
+            fits = "" if predicted is None else ("yes" if predicted <= fillable else "no")
             measured, ratio = "", ""
             if check is not None and check.get("measured_bytes") is not None:
                 measured = f"{check['measured_bytes'] / MiB:.0f}"
@@ -292,9 +300,12 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None)
         failed = [r["seq_len"] for r in checks if r.get("measured_bytes") is None]
         for seq_len in failed:
             axis.annotate("failed", (seq_len, record["budget_bytes"] / scale), color=color, fontsize=8)
-        budgets.add(record["budget_bytes"])
-    for budget in budgets:
+        budgets.add((record["budget_bytes"], allocatable(record)))
+    for budget, fillable in sorted(budgets):
         axis.axhline(budget / scale, color="black", linestyle="--", linewidth=1, label=f"budget {human_bytes(budget)}")
+        if fillable < budget:
+            label = f"a step can fill {human_bytes(fillable)}"
+            axis.axhline(fillable / scale, color="gray", linestyle="-.", linewidth=1, label=label)
     axis.set_xlabel("sequence length (tokens)")
     axis.set_ylabel(f"training-step peak ({unit})")
     axis.grid(alpha=0.3)

@@ -17,7 +17,11 @@ How (see ``Forecast.method``):
    with peak(L) = a + bL + cL^2 (c >= 0) and extrapolated; the Forecast says so.
 
 ``longest_seq_len`` is the longest multiple of 256 up to the model's maximum positions whose predicted peak fits the
-budget, found by further fake steps (a bracketed search) or from the fit.
+budget, found by further fake steps (a bracketed search) or from the fit. "Fits" allows for the device's allocator:
+a caching allocator cannot fill a cap with tensors (part of what it holds is free blocks in segments that still hold
+a live one), so a peak fits when it is within ``allocatable_bytes``, the budget times the share the backend says
+steps reached (``Backend.allocatable_fraction``: 0.90 of a cap on CUDA, 0.96 with expandable segments, measured on
+the H100; 1.0 on the CPU).
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ class Forecast:
 
     peak_bytes: {seq_len: bytes}: the allocator's peak allocated on an accelerator, the bytes of live torch tensors
         on the CPU, over one step after the first (the optimizer state exists).
-    longest_seq_len: the longest multiple of 256 (up to max_seq_len) whose predicted peak fits budget_bytes; None if
-        not even 256 tokens fit.
+    longest_seq_len: the longest multiple of 256 (up to max_seq_len) whose predicted peak fits (is within
+        allocatable_bytes); None if not even 256 tokens fit.
     budget_bytes / budget_source: the budget, and where it came from ("argument", or what the device can take now).
+    allocatable_bytes / allocator: the part of the budget a step's peak allocated can reach on this device's
+        allocator, and why (the backend's allocatable fraction: a caching allocator keeps the rest as free blocks).
     method: "fake step + calibration", "fake step" (calibrate=False) or "extrapolated from real steps".
     calibration: the real step: seq_len, measured_bytes, tracked_bytes (the fake count at that length), offset_bytes
         (added to every prediction), measured_by, live_tensor_bytes, device_bytes.
@@ -74,6 +80,8 @@ class Forecast:
     longest_seq_len: int | None
     budget_bytes: int
     budget_source: str
+    allocatable_bytes: int
+    allocator: str
     method: str
     device: str
     backend: str
@@ -89,9 +97,9 @@ class Forecast:
     notes: list[str]
 
     def fits(self, seq_len: int) -> bool | None:
-        """Whether the predicted peak at a forecast length fits the budget (None: not forecast)."""
+        """Whether the predicted peak at a forecast length fits (is within allocatable_bytes; None: not forecast)."""
         peak = self.peak_bytes.get(seq_len)
-        return None if peak is None else peak <= self.budget_bytes
+        return None if peak is None else peak <= self.allocatable_bytes
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (int keys as ints), ready for JSON."""
@@ -106,11 +114,12 @@ class Forecast:
     def summary(self) -> str:
         lines = [
             f"forecast on {self.device} ({self.method}), batch {self.batch_size}: "
-            f"budget {human_bytes(self.budget_bytes)} ({self.budget_source})"
+            f"budget {human_bytes(self.budget_bytes)} ({self.budget_source}), of which a step can fill "
+            f"{human_bytes(self.allocatable_bytes)} ({self.allocator})"
         ]
         lines.append(f"  {'seq_len':>8}  {'predicted peak':>15}  fits  peak in")
         for seq_len, peak in sorted(self.peak_bytes.items()):
-            verdict = "yes" if peak <= self.budget_bytes else "no"
+            verdict = "yes" if peak <= self.allocatable_bytes else "no"
             lines.append(f"  {seq_len:>8}  {human_bytes(peak):>15}  {verdict:<4}  {self.peak_phase.get(seq_len, '')}")
         longest = "none (not even 256 tokens)" if self.longest_seq_len is None else str(self.longest_seq_len)
         lines.append(f"longest sequence that fits: {longest} (multiples of {SEQ_LEN_STEP}, up to {self.max_seq_len})")
@@ -168,6 +177,8 @@ def forecast(
     before = memory.take(target)
     notes: list[str] = []
     budget, budget_source = (budget_bytes, "argument") if budget_bytes is not None else _default_budget(before, model)
+    fraction, allocator = target.backend.allocatable_fraction(target.device)
+    allocatable = int(budget * fraction)
     token = token_for(model)
     with torch._C.DisableTorchFunctionSubclass():
         devices = sorted({str(p.device) for p in model.parameters()})
@@ -208,7 +219,7 @@ def forecast(
         return predictions[seq_len]
 
     peaks = {seq_len: remembered(seq_len) for seq_len in lengths}
-    longest, searched = longest_fitting(remembered, budget, ceiling, peaks)
+    longest, searched = longest_fitting(remembered, allocatable, ceiling, peaks)
     if searched is not None:
         notes.append(searched)
     phases = predictor.phases() if isinstance(predictor, FakeSteps) else {}
@@ -217,6 +228,8 @@ def forecast(
         longest_seq_len=longest,
         budget_bytes=budget,
         budget_source=budget_source,
+        allocatable_bytes=allocatable,
+        allocator=allocator,
         method=method_name,
         device=str(target.device),
         backend=target.backend.name,

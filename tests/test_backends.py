@@ -705,3 +705,40 @@ def test_quantizer_preference_comes_from_the_backend(monkeypatch):
     monkeypatch.setitem(backends._instances, "cpu", Int8FirstCpu())
     assert quantizers.preference("cpu") == ("quanto-int8", "bnb-nf4")
     assert quantizers.choose("cpu") == "quanto-int8"  # checked for being installed (the test extra installs it)
+
+
+# ---- what a step can fill of a budget (the forecast's allocator allowance) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, settings, env, expandable",
+    [
+        ("cuda", None, {}, False),
+        ("cuda", None, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, True),
+        ("cuda", None, {"PYTORCH_ALLOC_CONF": "max_split_size_mb:128, expandable_segments: true"}, True),
+        ("cuda", "expandable_segments:True", {}, True),  # torch's own answer wins over the environment
+        ("cuda", "", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, False),
+        ("rocm", None, {"PYTORCH_HIP_ALLOC_CONF": "expandable_segments:True"}, True),
+        ("cuda", None, {"PYTORCH_HIP_ALLOC_CONF": "expandable_segments:True"}, False),
+    ],
+)
+def test_caching_allocator_leaves_part_of_a_cap_unfillable(monkeypatch, name, settings, env, expandable):
+    for variable in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    if settings is None:
+        monkeypatch.delattr(torch._C, "_accelerator_getAllocatorSettings", raising=False)
+    else:
+        monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: settings, raising=False)
+    backend = backends.get(name)
+    fraction, why = backend.allocatable_fraction(torch.device("cuda", 0))
+    assert backend.expandable_segments() is expandable
+    assert fraction == (0.96 if expandable else 0.90)
+    assert ("expandable segments" in why) is expandable and "H100" in why
+
+
+@pytest.mark.parametrize("name", ["cpu", "mps"])
+def test_no_allowance_where_none_was_measured(name):
+    fraction, why = backends.get(name).allocatable_fraction(torch.device(backends.get(name).device_type))
+    assert fraction == 1.0 and why

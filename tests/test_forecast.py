@@ -215,6 +215,26 @@ def test_longest_fitting_finds_the_crossing(known, budget, expected):
     assert all(seq_len % 256 == 0 for seq_len in calls)
 
 
+def test_fits_and_longest_allow_for_the_allocator(monkeypatch):
+    """A caching allocator cannot fill its cap with tensors: a peak fits when it is within budget x the backend's
+    allocatable fraction, and longest_seq_len is searched against that, not the whole budget."""
+    model = trainable_model(tiny.checkpoint("llama"))
+    budget = 1 << 30
+    full = portable_kbit.forecast(model, seq_lens=(64,), budget_bytes=budget, calibrate=False, max_seq_len=8192)
+    assert full.allocatable_bytes == budget and full.allocator.startswith("no caching allocator")
+    # a budget the full search crosses, then the same budget with half of it fillable
+    budget = (full.predictions[min(full.predictions)] + full.predictions[max(full.predictions)]) // 2
+    cpu = backends.get("cpu")
+    monkeypatch.setattr(cpu, "allocatable_fraction", lambda device: (0.5, "half, standing in"))
+    half = portable_kbit.forecast(model, seq_lens=(64,), budget_bytes=budget, calibrate=False, max_seq_len=8192)
+    assert half.allocatable_bytes == budget // 2 and half.allocator == "half, standing in"
+    assert half.longest_seq_len is not None and half.longest_seq_len < 8192
+    peak_at = half.predictions
+    assert peak_at[half.longest_seq_len] <= budget // 2 < peak_at[half.longest_seq_len + 256]
+    assert half.fits(64) == (half.peak_bytes[64] <= budget // 2)
+    assert "of which a step can fill 512" not in half.summary() and "(half, standing in)" in half.summary()
+
+
 # ---- bad input: refused before anything runs -----------------------------------------------------------------------
 
 

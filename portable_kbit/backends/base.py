@@ -213,6 +213,12 @@ class Backend:
         """The largest fraction the allocator accepts."""
         return 1.0
 
+    def allocatable_fraction(self, device: torch.device) -> tuple[float, str]:
+        """The share of a memory budget that a training step's peak *allocated* bytes can reach before the allocator
+        runs out, and why (the forecast compares its predicted peak with budget x this). 1.0 here: no caching
+        allocator stands between the tensors and the budget."""
+        return 1.0, "no caching allocator: the bytes of live tensors are what the budget holds"
+
     def guard_fraction(
         self, device: torch.device, fraction: float, host_total: int, host_available: int
     ) -> tuple[float, int]:

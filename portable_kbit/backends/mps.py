@@ -118,6 +118,10 @@ class MpsBackend(Backend):
     def max_fraction(self) -> float:
         return 2.0
 
+    def allocatable_fraction(self, device: torch.device) -> tuple[float, str]:
+        # MPS keeps its own heaps; what they cost under a cap was never measured (no Apple hardware here)
+        return 1.0, "MPS allocator: no allowance for its heaps (not measured)"
+
     @contextlib.contextmanager
     def preserved_rng(self, device: torch.device) -> Iterator[None]:
         state = None

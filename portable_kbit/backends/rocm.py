@@ -18,6 +18,9 @@ class RocmBackend(CudaBackend):
         "none does, k/v are expanded to the query heads so that the memory-efficient kernel can run"
     )
 
+    # HIP reads its own variable first; the fractions are the CUDA allocator's (the same code), not measured on AMD
+    allocator_conf_variables = ("PYTORCH_HIP_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
     def why_unavailable(self) -> str | None:
         if not getattr(torch.version, "hip", None):
             return "this torch is not a ROCm build (torch.version.hip is None)"
