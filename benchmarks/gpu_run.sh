@@ -14,6 +14,7 @@ for stage in "$@"; do
     echo "== $(date +%T) stage $stage" | tee -a "$out/stages.log"
     case "$stage" in
     install)
+        rm -rf /tmp/site  # a warm machine keeps what an earlier call installed
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name(0))"
         ;;
