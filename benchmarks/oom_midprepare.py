@@ -90,6 +90,8 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
     model_state = _model_state()
     target = backends.resolve(device_name)
     device = target.device
+    if device.type == "cuda" and device.index is None:  # torch 2.11's allocator calls want the index
+        device = torch.device("cuda", torch.cuda.current_device())
     record: dict[str, Any] = {"preset": preset, "device": str(device), "versions": compare.versions()}
     started = time.perf_counter()
     path = compare.materialize(preset, cache_dir, str(device) if device.type != "cpu" else None)
@@ -118,7 +120,7 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
         cap = torch.cuda.memory_reserved(device) + 2 * required + 256 * MiB
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        target.backend.set_memory_fraction(device, cap / total)  # torch 2.11 wants the device's index
         record.update(
             cap_bytes=cap,
             memory_fraction=round(cap / total, 6),
@@ -162,7 +164,7 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
     record["second_prepare"] = second
     if second.get("ok"):  # and the prepared model trains (the cap lifted: this step is not what is measured)
         if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            target.backend.set_memory_fraction(device, 1.0)
         try:
             _, losses = tiny.train_lora(model, targets or [], steps=1, length=64)
             second["loss_after_one_lora_step"] = round(losses[0], 4)

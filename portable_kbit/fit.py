@@ -268,6 +268,17 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(blocks)
 
 
+def shown_up_to(forecast_record: dict[str, Any], records: Sequence[dict[str, Any]]) -> float:
+    """The longest length a plot shows of a forecast's predictions: a quarter past the longest of the requested,
+    the longest that fits and the verified lengths (the search also predicts the model's maximum, 32k say, which
+    would flatten everything that matters)."""
+    mode = forecast_record.get("mode")
+    lengths = [int(k) for k in forecast_record["peak_bytes"]]
+    lengths += [r["seq_len"] for r in records if r.get("kind") == "verify" and r.get("mode") == mode]
+    lengths.append(forecast_record.get("longest_seq_len") or 0)
+    return 1.25 * max(lengths)
+
+
 def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
     """Predicted peak against sequence length per mode, the budget as a line, measured points where verified; saved
     as a PNG at `path`. Needs matplotlib (the "plot" extra)."""
@@ -287,7 +298,7 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None)
     for index, record in enumerate(forecasts):
         color = f"C{index}"
         points = {int(k): v for k, v in (record.get("predictions") or record["peak_bytes"]).items()}
-        xs = sorted(points)
+        xs = [x for x in sorted(points) if x <= shown_up_to(record, records)]
         axis.plot(xs, [points[x] / scale for x in xs], marker="o", color=color, label=f"{record['mode']}: predicted")
         longest = record.get("longest_seq_len")
         if longest:
