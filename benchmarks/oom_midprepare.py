@@ -39,9 +39,12 @@ def _model_state() -> Any:
 
 
 @contextlib.contextmanager
-def out_of_memory_at_chunk(k: int, chunk_new_bytes: int, device: Any, record: dict[str, Any]) -> Iterator[None]:
+def out_of_memory_at_chunk(
+    k: int, chunk_new_bytes: int, device: Any, cap: int | None, record: dict[str, Any]
+) -> Iterator[None]:
     """Right before prepare()'s k-th cast chunk: on CUDA, a ballast that leaves half of what the chunk needs under
-    the allocator's cap (the cast then fails in the allocator); elsewhere an injected torch.OutOfMemoryError."""
+    the allocator's cap of `cap` bytes (the cast then fails in the allocator); elsewhere an injected
+    torch.OutOfMemoryError."""
     import torch
 
     from portable_kbit.cast import CastJournal
@@ -56,10 +59,9 @@ def out_of_memory_at_chunk(k: int, chunk_new_bytes: int, device: Any, record: di
         if index == k:
             record["chunks_done_before_the_failure"] = index
             record["casts_done_before_the_failure"] = len(self.done)
-            if device.type == "cuda":
+            if device.type == "cuda" and cap is not None:
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()  # cached free blocks would serve the cast below the cap
-                cap = record["cap_bytes"]
                 left = cap - torch.cuda.memory_reserved(device)
                 size = max(0, (left - chunk_new_bytes // 2) // (2 * MiB) * (2 * MiB))
                 ballast.append(torch.empty(size, dtype=torch.uint8, device=device))
@@ -132,7 +134,7 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
     first: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
-        with out_of_memory_at_chunk(k, sizes[k], device, first):
+        with out_of_memory_at_chunk(k, sizes[k], device, record.get("cap_bytes"), first):
             portable_kbit.prepare(model, str(device), **options)
         first["raised"] = None
     except torch.OutOfMemoryError as error:

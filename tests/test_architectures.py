@@ -44,15 +44,30 @@ REFUSED = {
     "musicgen": "{'use_reentrant': False}",
 }
 SAMPLE = [model_type for types in FAMILIES.values() for model_type in types]
+#: the transformers the sample was chosen with: every type in it ships from this version on
+SAMPLE_TRANSFORMERS = (5, 25)
+KNOWN = set(architectures.all_types())
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def test_the_sample_is_large_and_known():
-    assert len(SAMPLE) >= 25 and len(set(SAMPLE)) == len(SAMPLE)
-    assert set(SAMPLE) <= set(architectures.all_types())
+    assert len(set(SAMPLE)) == len(SAMPLE)
+    assert len([t for t in SAMPLE if t in KNOWN]) >= 25
+    assert all(any(t in KNOWN for t in types) for types in FAMILIES.values()), "a family with no type here"
+    if _transformers_version() >= SAMPLE_TRANSFORMERS:
+        assert set(SAMPLE) <= KNOWN
 
 
 @pytest.mark.parametrize("model_type", SAMPLE)
 def test_type_trains_or_is_refused_in_every_mode(model_type, tmp_path):
+    if model_type not in KNOWN:  # an older transformers (the GPU image's, say) than the sample was chosen with
+        pytest.skip(f"transformers {'.'.join(map(str, _transformers_version()))} does not ship {model_type}")
     records = architectures.run_type(model_type, workdir=str(tmp_path))
     by_mode = {record["mode"]: record for record in records}
     assert by_mode["control"]["outcome"] == "trained", by_mode["control"]
