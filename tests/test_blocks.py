@@ -163,8 +163,9 @@ def test_quantized_model(backend, device, activations):
     inputs = {k: v.to(device) for k, v in batch().items()}
     plain = train_step(model, None, inputs, activations=activations)
     blocked = train_step(model, BLOCK, inputs, activations=activations)
-    # the same kernels on the same rows; only the order of the loss sum differs
-    assert_same_step(plain, blocked, tolerance=1e-4)
+    # on the CPU the same kernels on the same rows, only the order of the loss sum differs; on a GPU a block is a
+    # matmul of another shape, for which cuBLAS picks another kernel (H100: gradients 4.7e-4 apart, run 5)
+    assert_same_step(plain, blocked, tolerance=1e-4 if backend == "cpu" else 1e-3)
 
 
 HEADS = {

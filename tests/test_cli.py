@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from shared_runs import README_COMPARE, README_FIT, run_once
 
-from portable_kbit import cli
+from portable_kbit import backends, cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,6 +117,9 @@ def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
     assert [r["phase"] for r in ours] == list(compare.PHASES) and "error" not in ours[-1]
 
 
+AUTO_DEVICE = backends.resolve("auto").device.type
+
+
 def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
     from portable_kbit.prepare import ACTIVATIONS
 
@@ -135,7 +138,8 @@ def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
         peaks = [record["peak_bytes"][k] for k in ("64", "128", "256")]
         assert peaks == sorted(peaks) and all(p > 0 for p in peaks)
         assert record["longest_seq_len"] in (None, 256)  # the tiny config's maximum positions
-        assert f"activations={record['mode']}: fake step + calibration on cpu" in run.out
+        # the README's command names no device: "auto" (the GPU where there is one)
+        assert f"activations={record['mode']}: fake step + calibration on {AUTO_DEVICE}" in run.out
     assert run.out.count("| seq_len | predicted peak (MiB) |") == len(ACTIVATIONS)
 
 
@@ -151,6 +155,8 @@ def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsy
         "2MiB",
         "--seq-lens",
         "64,256",
+        "--device",
+        "cpu",  # the byte counts above are the CPU's
         "--verify",
         "--json",
         "--cache-dir",
