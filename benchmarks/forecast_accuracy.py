@@ -295,11 +295,13 @@ def parent(args: argparse.Namespace) -> int:
 
 
 def plot(records: list[dict], path: str) -> str:
-    """Predicted peak against length per variant, the budget line, measured peaks (x) and failed probes."""
+    """Predicted peak against length per variant, the budget line, measured peaks (x) and failed probes; one colour
+    per variant in a fixed order (peft first), whatever order the variants finished in."""
     from portable_kbit import fit
 
+    order = sorted({r["variant"] for r in records if "variant" in r}, key=lambda v: (v != "peft", v))
     shown = []
-    for record in records:
+    for record in sorted(records, key=lambda r: order.index(r["variant"]) if r.get("variant") in order else -1):
         if record.get("kind") == "forecast":
             shown.append({**record, "mode": record["variant"]})
         elif record.get("kind") in ("measured", "probe"):
