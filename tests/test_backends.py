@@ -742,3 +742,29 @@ def test_caching_allocator_leaves_part_of_a_cap_unfillable(monkeypatch, name, se
 def test_no_allowance_where_none_was_measured(name):
     fraction, why = backends.get(name).allocatable_fraction(torch.device(backends.get(name).device_type))
     assert fraction == 1.0 and why
+
+
+def test_headroom_under_a_cap_is_what_the_cap_leaves(monkeypatch, host, cuda_caps):
+    """memory_guard's cap comes before the device's free memory: prepare()'s pressure check and the forecast's
+    default budget see what the process may still allocate, not what the device has free."""
+    fake_cuda(monkeypatch, hip=None, integrated=False)
+    uncapped = portable_kbit.snapshot("cuda")
+    assert uncapped.headroom == CUDA_FREE + (CUDA_RESERVED - CUDA_ALLOCATED)
+    with portable_kbit.memory_guard(cap_bytes=3 * GiB, device="cuda"):
+        assert backends.get("cuda").allocator_cap(torch.device("cuda", 0)) == 3 * GiB
+        assert portable_kbit.snapshot("cuda").headroom == 3 * GiB - CUDA_ALLOCATED
+    with portable_kbit.memory_guard(cap_bytes=15 * GiB, device="cuda"):  # a cap above the free memory changes nothing
+        assert portable_kbit.snapshot("cuda").headroom == uncapped.headroom
+    assert backends.get("cuda").allocator_cap(torch.device("cuda", 0)) is None
+    assert portable_kbit.snapshot("cuda").headroom == uncapped.headroom
+
+
+def test_mps_cap_counts_only_below_its_largest_fraction(monkeypatch, mps_caps):
+    backend = backends.get("mps")
+    monkeypatch.setattr(backend, "fraction_basis", lambda device: 10 * GiB)
+    device = torch.device("mps")
+    backend.set_memory_fraction(device, 0.5)
+    assert backend.allocator_cap(device) == 5 * GiB
+    backend.set_memory_fraction(device, 0.0)  # MPS: no limit at all
+    assert backend.allocator_cap(device) is None
+    assert backends.get("cpu").allocator_cap(torch.device("cpu")) is None

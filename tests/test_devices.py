@@ -54,6 +54,7 @@ class TwoGpus(CudaBackend):
     """A stand-in CUDA backend with two discrete devices; records each call with its device index."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.stats = dict(BEFORE)
         self.calls: list[tuple[str, int]] = []
 

@@ -168,7 +168,21 @@ class Backend:
         cached_unused = 0
         if stats.reserved is not None and stats.allocated is not None:
             cached_unused = max(0, stats.reserved - stats.allocated)
-        return min(known) + cached_unused
+        headroom = min(known) + cached_unused
+        cap = self.allocator_cap(device)
+        if cap is not None and stats.allocated is not None:  # under memory_guard the cap comes first
+            headroom = min(headroom, max(0, cap - stats.allocated))
+        return headroom
+
+    def allocator_cap(self, device: torch.device) -> int | None:
+        """Bytes the allocator may hold under the per-process cap in force (memory_guard's, or one set with torch where
+        torch can read it back);
+        None where there is no cap API or no cap below the device's own limit."""
+        fraction = self.memory_fraction(device)
+        if fraction is None or fraction <= 0 or fraction >= self.max_fraction():
+            return None  # 0 means no limit on MPS; the largest fraction is no cap at all
+        basis = self.fraction_basis(device)
+        return None if basis is None else int(fraction * basis)
 
     #: what attention costs here when prepare() leaves q/k/v in fp32 (the report's attention reason, the README)
     fp32_attention: str = "fp32 attention runs as transformers' sdpa calls it"
