@@ -175,9 +175,8 @@ class Backend:
         return headroom
 
     def allocator_cap(self, device: torch.device) -> int | None:
-        """Bytes the allocator may hold under the per-process cap in force (memory_guard's, or one set with torch where
-        torch can read it back);
-        None where there is no cap API or no cap below the device's own limit."""
+        """Bytes the allocator may hold under the per-process cap in force (memory_guard's, or one set with torch
+        where torch can read it back); None where there is no cap API or no cap below the device's own limit."""
         fraction = self.memory_fraction(device)
         if fraction is None or fraction <= 0 or fraction >= self.max_fraction():
             return None  # 0 means no limit on MPS; the largest fraction is no cap at all
