@@ -3,7 +3,7 @@
 # repository root, with bitsandbytes / optimum-quanto wheels in .whl/ (the machine has no network):
 #   benchmarks/gpu_run.sh OUT_DIR STAGE...
 # Stages: install, preset, phases, prepare-time, curves, attention, long-fit, long-fit-expandable, long-time,
-# forecast, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages), and
+# forecast, forecast-5steps, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages), and
 # pytest-since-run-2 (the test files whose code changed after the second run). Each writes into OUT_DIR; logs go to
 # OUT_DIR/*.log.
 set -uo pipefail
@@ -54,6 +54,10 @@ for stage in "$@"; do
     forecast)
         python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out" --timeout 300 --max-probes 6 \
             > "$out/forecast.log" 2>&1
+        ;;
+    forecast-5steps)  # the same, each probe training five steps (not run yet: the next GPU session's first)
+        python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out/forecast-5steps" \
+            --timeout 300 --max-probes 6 --probe-steps 5 > "$out/forecast-5steps.log" 2>&1
         ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
         python3 benchmarks/oom_midprepare.py --device cuda --out "$out/oom_midprepare.json" > "$out/oom.log" 2>&1
