@@ -3,9 +3,10 @@
 # repository root, with bitsandbytes / optimum-quanto wheels in .whl/ (the machine has no network):
 #   benchmarks/gpu_run.sh OUT_DIR STAGE...
 # Stages: install, preset, phases, prepare-time, curves, attention, long-fit, long-fit-expandable, long-time,
-# forecast, forecast-5steps, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound stages), and
-# pytest-since-run-2 (the test files whose code changed after the second run). Each writes into OUT_DIR; logs go to
-# OUT_DIR/*.log.
+# forecast, forecast-5steps, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound
+# stages), and pytest-since-run-2 (the test files whose code changed after the second run). Each writes into OUT_DIR;
+# logs go to OUT_DIR/*.log. Runs 4 and 5 (2026-12-06): install preset oom forecast, then install preset oom and the
+# whole suite (benchmarks/results/h100/run4, run5).
 set -uo pipefail
 out="$1"; shift
 mkdir -p "$out"
