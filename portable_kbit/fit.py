@@ -298,7 +298,8 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None)
     for index, record in enumerate(forecasts):
         color = f"C{index}"
         points = {int(k): v for k, v in (record.get("predictions") or record["peak_bytes"]).items()}
-        xs = [x for x in sorted(points) if x <= shown_up_to(record, records)]
+        up_to = shown_up_to(record, records)
+        xs = [x for x in sorted(points) if x <= up_to]
         axis.plot(xs, [points[x] / scale for x in xs], marker="o", color=color, label=f"{record['mode']}: predicted")
         longest = record.get("longest_seq_len")
         if longest:

@@ -119,7 +119,7 @@ class Forecast:
         ]
         lines.append(f"  {'seq_len':>8}  {'predicted peak':>15}  fits  peak in")
         for seq_len, peak in sorted(self.peak_bytes.items()):
-            verdict = "yes" if peak <= self.allocatable_bytes else "no"
+            verdict = "yes" if self.fits(seq_len) else "no"
             lines.append(f"  {seq_len:>8}  {human_bytes(peak):>15}  {verdict:<4}  {self.peak_phase.get(seq_len, '')}")
         longest = "none (not even 256 tokens)" if self.longest_seq_len is None else str(self.longest_seq_len)
         lines.append(f"longest sequence that fits: {longest} (multiples of {SEQ_LEN_STEP}, up to {self.max_seq_len})")
