@@ -27,7 +27,7 @@ KERNELIZING_METHODS = ("set_use_kernels", "reset_kernels")
 
 def follow_kernelization(hf_model: nn.Module, overrides: Sequence[ForwardOverride]) -> list[AttributeOverride]:
     """Instance wrappers of the model's kernelizing methods (those its class has) that keep `overrides` in place;
-    removable handles. None where there is nothing to keep or the transformers version does not kernelize."""
+    removable handles. Empty where there is nothing to keep or the transformers version does not kernelize."""
     if not overrides:
         return []
     kept = list(overrides)

@@ -290,14 +290,6 @@ def _stub_weighted_modules(modules: dict[str, nn.Module], stubbed: dict[nn.Modul
         module.__dict__["forward"] = stand_in
 
 
-def _put_back_forwards(stubbed: dict[nn.Module, Any]) -> None:
-    for module, forward in stubbed.items():
-        if forward is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.__dict__["forward"] = forward
-
-
 @contextlib.contextmanager
 def shape_only_stand_ins(modules: dict[str, nn.Module]) -> Iterator[None]:
     """Shape-only stand-ins for the forwards of the weight-holding layers (for a trace on meta), for the block;
@@ -307,7 +299,11 @@ def shape_only_stand_ins(modules: dict[str, nn.Module]) -> Iterator[None]:
         _stub_weighted_modules(modules, stubbed)
         yield
     finally:
-        _put_back_forwards(stubbed)
+        for module, forward in stubbed.items():
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
 
 
 class _CannotTraceOnMeta(Exception):
@@ -413,7 +409,6 @@ def _trace(
     runner = hf_model(model)
     was_training = {m: m.training for m in index.modules.values()}
     tensors = _tensor_attributes(index.modules.values())
-    stubbed: dict[nn.Module, Any] = {}
     try:
         for name in norms:
             if name in modules:
@@ -425,22 +420,22 @@ def _trace(
         # forward, a lasting change to a quantized weight. The flags only, restored below: train() recurses (a ms on
         # 7B models) and, from transformers 5.25, re-kernelizes (models.set_training_flags).
         set_training_flags(index.modules.values())
-        if inputs_kind == "real":
-            inputs = _trace_input(runner)
-        else:
-            _stub_weighted_modules(modules, stubbed)
-            inputs = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device="meta")}
-            if inputs_kind == "meta with a 4-D mask":
-                # Some mask builders inspect values (impossible on meta); a ready 4-D mask is passed through instead.
-                # Built on the CPU and moved: a first tril on meta runs a Python meta kernel (2 ms).
-                inputs["attention_mask"] = torch.ones((1, 1, 2, 2), dtype=torch.bool).tril().to("meta")
-        with torch.no_grad():
-            try:
-                runner(**inputs, use_cache=False)
-            except _TraceDone:
-                pass
+        with contextlib.ExitStack() as stand_ins:
+            if inputs_kind == "real":
+                inputs = _trace_input(runner)
+            else:
+                stand_ins.enter_context(shape_only_stand_ins(modules))
+                inputs = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device="meta")}
+                if inputs_kind == "meta with a 4-D mask":
+                    # Some mask builders inspect values (impossible on meta); a ready 4-D mask is passed through
+                    # instead. Built on the CPU and moved: a first tril on meta runs a Python meta kernel (2 ms).
+                    inputs["attention_mask"] = torch.ones((1, 1, 2, 2), dtype=torch.bool).tril().to("meta")
+            with torch.no_grad():
+                try:
+                    runner(**inputs, use_cache=False)
+                except _TraceDone:
+                    pass
     finally:
-        _put_back_forwards(stubbed)
         for handle in handles:
             handle.remove()
         for module, training in was_training.items():
