@@ -513,7 +513,7 @@ def plain_linear_targets(model: Any) -> list[str]:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from portable_kbit.models import output_embeddings
+    from portable_kbit.model.hf import output_embeddings
 
     head = output_embeddings(model)
     kinds = (torch.nn.Linear, Conv1D)
@@ -525,7 +525,7 @@ def load(checkpoint: Checkpoint) -> Any:
     """The checkpoint loaded through bitsandbytes nf4 (double quant, bf16 compute) on the CPU."""
     import torch
 
-    from portable_kbit import tiny
+    from portable_kbit.tools import tiny
 
     return checkpoint.model_class.from_pretrained(
         checkpoint.path,
@@ -543,7 +543,7 @@ def training_batch(model: Any) -> dict[str, Any]:
 
     import torch
 
-    from portable_kbit.models import hf_model, input_embeddings
+    from portable_kbit.model.hf import hf_model, input_embeddings
 
     embeddings = input_embeddings(model)
     codebooks = len(embeddings) if isinstance(embeddings, torch.nn.ModuleList) else 1
@@ -639,7 +639,7 @@ def _innermost_file(error: BaseException) -> str:
 
 
 def quantized_parameters(model: Any) -> dict[str, Any]:
-    from portable_kbit.quantized import quantization_kind
+    from portable_kbit.model.quantized import quantization_kind
 
     return {n: p for n, p in model.named_parameters() if quantization_kind(p) is not None}
 
@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
         return 0
 
-    from portable_kbit.prepare import ACTIVATIONS
+    from portable_kbit.pipeline.prepare import ACTIVATIONS
 
     assert tuple(ACTIVATIONS) == MODES, f"the sweep's modes {MODES} are not prepare()'s {ACTIVATIONS}"
     known = all_types()

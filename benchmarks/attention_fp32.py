@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from portable_kbit import attention, backends
+from portable_kbit import backends
 from portable_kbit.backends.base import sdpa_kernel_choice
+from portable_kbit.patches import attention
 
 MiB = 1 << 20
 VARIANTS = ("sdpa-fp32-gqa", "ours-fp32", "fp32-expanded", "sdpa-bf16-gqa")

@@ -42,7 +42,8 @@ def load_variant(checkpoint: str, variant: str, device: str, quantizer: str, ran
     from peft import LoraConfig, get_peft_model
 
     import portable_kbit
-    from portable_kbit import backends, compare, presets, tiny
+    from portable_kbit import backends
+    from portable_kbit.tools import compare, presets, tiny
 
     target = backends.resolve(device)
     targets = presets.lora_targets(checkpoint)
@@ -67,7 +68,7 @@ def child_measure(args: argparse.Namespace) -> None:
 
     import portable_kbit
 
-    forecasting = importlib.import_module("portable_kbit.forecast")
+    forecasting = importlib.import_module("portable_kbit.memory.forecast")
     if args.cap_bytes:
         portable_kbit.memory_guard(device=args.device, cap_bytes=args.cap_bytes)
     model, target = load_variant(args.checkpoint, args.variant, args.device, args.quantizer, args.lora_rank)
@@ -120,7 +121,7 @@ def child_probe(args: argparse.Namespace) -> None:
 
     import portable_kbit
 
-    forecasting = importlib.import_module("portable_kbit.forecast")
+    forecasting = importlib.import_module("portable_kbit.memory.forecast")
     record: dict[str, Any] = {"kind": "probe", "variant": args.variant, "seq_len": args.seq_len}
     record["steps"] = args.probe_steps
     guard = portable_kbit.memory_guard(device=args.device, cap_bytes=args.budget) if can_cap(args.device) else None
@@ -153,7 +154,7 @@ def emit(record: dict) -> None:
 
 
 def run_child(args: argparse.Namespace, extra: list[str], log: Any) -> list[dict]:
-    from portable_kbit import presets
+    from portable_kbit.tools import presets
 
     command = [sys.executable, __file__, "--child", *extra, "--checkpoint", args.checkpoint, "--device", args.device]
     command += ["--quantizer", args.quantizer, "--lora-rank", str(args.lora_rank)]
@@ -258,8 +259,10 @@ def run_variant(args: argparse.Namespace, variant: str, cap_bytes: int | None, l
 
 
 def parent(args: argparse.Namespace) -> int:
-    from portable_kbit import backends, fit, presets, quantizers
-    from portable_kbit.prepare import ACTIVATIONS
+    from portable_kbit import backends
+    from portable_kbit.pipeline.prepare import ACTIVATIONS
+    from portable_kbit.tools import fit, presets
+    from portable_kbit.tools import quantizer_probe as quantizers
 
     args.budget = fit.parse_bytes(args.budget)
     variants = args.variants.split(",") if args.variants else ["peft", *(f"ours-{m}" for m in ACTIVATIONS)]
@@ -304,7 +307,7 @@ def parent(args: argparse.Namespace) -> int:
 def plot(records: list[dict], path: str) -> str:
     """Predicted peak against length per variant, the budget line, measured peaks (x) and failed probes; one colour
     per variant in a fixed order (peft first), whatever order the variants finished in."""
-    from portable_kbit import fit
+    from portable_kbit.tools import fit
 
     order = sorted({r["variant"] for r in records if "variant" in r}, key=lambda v: (v != "peft", v))
     shown = []

@@ -109,7 +109,7 @@ class World:
 
     def wait_for_checkpoint(self, preset: str, cache_dir: str | None) -> str:
         """Rank 0 builds the preset once (a no-op when it exists); the others wait for its folder."""
-        from portable_kbit import compare
+        from portable_kbit.tools import compare
 
         if self.rank == 0:
             path = compare.materialize(preset, cache_dir, str(self.device) if self.device.type == "cuda" else None)
@@ -136,7 +136,8 @@ class Phases:
     """Runs the phases of one case; memory after each and its peak; stops at the first failure (on any rank)."""
 
     def __init__(self, world: World) -> None:
-        from portable_kbit import backends, memory
+        from portable_kbit import backends
+        from portable_kbit.memory import snapshots as memory
 
         self.world = world
         self.target = backends.resolve(str(world.device))
@@ -146,7 +147,7 @@ class Phases:
         self.start = {"allocated": start.allocated, "reserved": start.reserved, "process_rss": start.process_rss}
 
     def run(self, name: str, step: Callable[[list], Any]) -> Any:
-        from portable_kbit import memory
+        from portable_kbit.memory import snapshots as memory
 
         if self.error is not None:
             return None
@@ -269,7 +270,8 @@ def run_case(args: argparse.Namespace, world: World, checkpoint: str, variant: s
     """Load, prepare, LoRA, shard (unless wrap is "none"), train; the record of this rank."""
     from peft import LoraConfig, get_peft_model
 
-    from portable_kbit import compare, memory, tiny
+    from portable_kbit.memory import snapshots as memory
+    from portable_kbit.tools import compare, tiny
 
     phases = Phases(world)
     target = phases.target
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "table.md").read_text())
         return 0
 
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     cases = [tuple(case.split(":")) for case in args.cases.split(",") if case]
     for variant, wrap in cases:

@@ -87,7 +87,8 @@ def load_prepared(checkpoint: str, variant: str, device: str) -> tuple[Any, Any,
     """Load the checkpoint through bitsandbytes nf4, prepare it as the variant says, attach LoRA r=16."""
     from peft import LoraConfig, get_peft_model
 
-    from portable_kbit import backends, compare, prepare, report, tiny
+    from portable_kbit import backends, prepare, report
+    from portable_kbit.tools import compare, tiny
 
     spec = VARIANTS[variant]
     target = backends.resolve(device)
@@ -129,7 +130,7 @@ def train(model: Any, target: Any, steps: int, seq_len: int, lr: float = 1e-4) -
     """`steps` AdamW steps on one random sequence (portable_kbit.compare's); the losses and each step's seconds."""
     import torch
 
-    from portable_kbit import tiny
+    from portable_kbit.tools import tiny
 
     model.train()
     embeddings = model.get_input_embeddings().weight
@@ -164,7 +165,8 @@ def child_fit(checkpoint: str, variant: str, device: str, seq_len: int, steps: i
     """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
     import torch
 
-    from portable_kbit import backends, compare
+    from portable_kbit import backends
+    from portable_kbit.tools import compare
 
     record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device}
     target = backends.resolve(device)
@@ -411,7 +413,7 @@ def _read(path: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     started = time.perf_counter()
 

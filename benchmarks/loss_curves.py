@@ -23,7 +23,7 @@ VARIANTS = ("peft", "ours-fp32", "ours-layer", "ours-native")
 
 
 def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: str) -> dict[str, Any]:
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     records = compare.run_in_subprocess(path, variant, device, steps, seq_len, "bnb-nf4", data_seed=seed)
     train = next((r for r in records if r.get("phase") == "train"), None)
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     path = compare.materialize(args.preset, device=args.device)
     seq_len = args.seq_len or compare.PRESETS[args.preset].seq_len

@@ -21,7 +21,7 @@ def losses(variant: str, device: str) -> list[float]:
     import torch
 
     import portable_kbit
-    from portable_kbit import tiny
+    from portable_kbit.tools import tiny
 
     targets = tiny.LORA_TARGETS["llama"]
     model = tiny.load(tiny.checkpoint("llama"), "bnb-nf4", device)

@@ -47,7 +47,7 @@ def out_of_memory_at_chunk(
     torch.OutOfMemoryError."""
     import torch
 
-    from portable_kbit.cast import CastJournal
+    from portable_kbit.pipeline.cast import CastJournal
 
     original = CastJournal.apply
     calls = {"n": 0}
@@ -86,8 +86,10 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
     import torch
 
     import portable_kbit
-    from portable_kbit import backends, compare, plan, tiny
-    from portable_kbit.cast import chunked, required_bytes
+    from portable_kbit import backends
+    from portable_kbit.pipeline import plan
+    from portable_kbit.pipeline.cast import chunked, required_bytes
+    from portable_kbit.tools import compare, tiny
 
     model_state = _model_state()
     target = backends.resolve(device_name)

@@ -24,7 +24,7 @@ VARIANTS = ("peft", "ours-fp32", "ours-layer", "ours-native")
 
 
 def run(path: str, variant: str, index: int, device: str) -> dict[str, Any]:
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     records = compare.run_in_subprocess(path, variant, device, 1, 16, "bnb-nf4")
     prep = next((r for r in records if r.get("phase") == "prep"), {})
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     path = compare.materialize(args.preset, device=args.device)
     variants = args.variants.split(",")

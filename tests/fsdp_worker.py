@@ -15,7 +15,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
-from portable_kbit import tiny
+from portable_kbit.tools import tiny
 
 TARGETS = tiny.LORA_TARGETS["llama"]
 WRAPS = ("none", "fsdp1-orig-params", "fsdp1-flat-params", "fsdp2", "fsdp2-bf16")

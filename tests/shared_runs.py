@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from portable_kbit import cli
+from portable_kbit.tools import cli
 
 #: in README.md's "Command line" block and checked by tests/test_cli.py: one run serves both
 README_COMPARE = (

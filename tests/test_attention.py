@@ -21,13 +21,14 @@ from peft import LoraConfig, get_peft_model
 from peft_baseline import prepare_with_peft
 
 import portable_kbit
-from portable_kbit import attention, tiny
 from portable_kbit.backends.base import torch_version
 from portable_kbit.backends.cpu import CPU_FLASH_TAKES_FP32_GQA_FROM, CpuBackend
 from portable_kbit.backends.cuda import CudaBackend
 from portable_kbit.backends.mps import MpsBackend
+from portable_kbit.patches import attention
+from portable_kbit.tools import tiny
 
-prepare_module = importlib.import_module("portable_kbit.prepare")
+prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")
 TARGETS = tiny.LORA_TARGETS["llama"]
 OURS = attention.ATTENTION_NAME
 

@@ -18,11 +18,13 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit import accounting, backends, tiny
+from portable_kbit import backends
 from portable_kbit.backends import BackendUnavailableError
 from portable_kbit.backends import mps as mps_module
 from portable_kbit.backends.base import MiB
-from portable_kbit.models import is_checkpointing
+from portable_kbit.model.hf import is_checkpointing
+from portable_kbit.pipeline import devices as accounting
+from portable_kbit.tools import tiny
 
 GiB = 1 << 30
 HOST_AVAILABLE = 9 * GiB
@@ -674,7 +676,7 @@ def test_guard_refuses_cap_bytes_that_are_not_positive_ints(monkeypatch, host, c
 
 
 def test_compare_caps_through_the_backend(monkeypatch, host, cuda_caps, mps_caps):
-    from portable_kbit import compare
+    from portable_kbit.tools import compare
 
     fake_cuda(monkeypatch, hip=None, integrated=False)
     compare.cap_memory(backends.resolve("cuda"), 0.1)
@@ -691,8 +693,8 @@ def test_compare_caps_through_the_backend(monkeypatch, host, cuda_caps, mps_caps
 
 
 def test_quantizer_preference_comes_from_the_backend(monkeypatch):
-    from portable_kbit import quantizers
     from portable_kbit.backends.cpu import CpuBackend
+    from portable_kbit.tools import quantizer_probe as quantizers
 
     assert quantizers.preference("mps") == backends.get("mps").preferred_quantizers == ("quanto-int4", "bnb-nf4")
     for name in ("cuda", "rocm", "cpu"):

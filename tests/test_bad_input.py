@@ -18,10 +18,11 @@ from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
 import portable_kbit
-from portable_kbit import backends, tiny
+from portable_kbit import backends
 from portable_kbit.backends.cuda import CudaBackend
+from portable_kbit.tools import tiny
 
-prepare_module = importlib.import_module("portable_kbit.prepare")  # portable_kbit.prepare is the function
+prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")  # portable_kbit.prepare is the function
 TARGETS = tiny.LORA_TARGETS["llama"]
 
 

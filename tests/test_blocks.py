@@ -22,8 +22,9 @@ from peft import LoraConfig, get_peft_model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import portable_kbit
-from portable_kbit import blocks, tiny
 from portable_kbit.backends.base import Backend
+from portable_kbit.patches import token_blocks as blocks
+from portable_kbit.tools import tiny
 
 TOLERANCE = 1e-5
 BLOCK = 8  # tokens per block: the test sequences (40 tokens, 2 rows) make 10 blocks
@@ -428,7 +429,7 @@ def test_backend_block_size():
 def test_failed_repeat_keeps_the_blocks_of_the_call_before(monkeypatch):
     import importlib
 
-    prepare_module = importlib.import_module("portable_kbit.prepare")
+    prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")
     model = build("llama")
     portable_kbit.prepare(
         model, target_modules=TARGETS, token_blocks=BLOCK, gradient_checkpointing_kwargs=CHECKPOINTING

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from shared_runs import README_COMPARE, README_FIT, run_once
 
-from portable_kbit import backends, cli
+from portable_kbit import backends
+from portable_kbit.tools import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +104,7 @@ def test_compare_tiny_writes_json_lines_table_and_png():
 
 
 def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
-    from portable_kbit import compare, tiny
+    from portable_kbit.tools import compare, tiny
 
     records = compare.run_variant(
         tiny.checkpoint("llama"), "peft", "cpu", steps=1, seq_len=16, quantizer="quanto-int4"
@@ -121,7 +122,7 @@ AUTO_DEVICE = backends.resolve("auto").device.type
 
 
 def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
-    from portable_kbit.prepare import ACTIVATIONS
+    from portable_kbit.pipeline.prepare import ACTIVATIONS
 
     # The README's own fit command (tests/test_readme.py runs it through the same cached run).
     assert "portable-kbit " + " ".join(README_FIT) in README.read_text()
@@ -200,7 +201,7 @@ def test_console_script_is_declared_and_runs():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("portable-kbit is not installed (run from a source tree on PYTHONPATH): no entry points to check")
     points = importlib.metadata.entry_points(group="console_scripts", name="portable-kbit")
-    assert [p.value for p in points] == ["portable_kbit.cli:main"]
+    assert [p.value for p in points] == ["portable_kbit.tools.cli:main"]
     script = shutil.which("portable-kbit", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     command = [script] if script else [sys.executable, "-m", "portable_kbit"]
     done = subprocess.run([*command, "env", "--json", "--no-probe"], capture_output=True, text=True, timeout=300)

@@ -25,8 +25,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import portable_kbit
-from portable_kbit import tiny
-from portable_kbit.flow import install, is_strict_consumer, may_need_input_cast
+from portable_kbit.patches.dtype_flow import install, is_strict_consumer, may_need_input_cast
+from portable_kbit.tools import tiny
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -245,7 +245,7 @@ def test_an_override_calls_the_class_forward_of_the_moment():
     """FSDP2's fully_shard swaps a module's class after prepare() (and transformers' checkpointing wrapper only
     checkpoints when it is the class's own forward): an instance forward must call the class forward found at call
     time, not the one bound when it was installed."""
-    from portable_kbit.flow import ForwardOverride
+    from portable_kbit.patches.dtype_flow import ForwardOverride
 
     class Block(nn.Module):
         def forward(self, x):

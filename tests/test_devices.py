@@ -18,13 +18,16 @@ import torch
 from peft import LoraConfig
 
 import portable_kbit
-from portable_kbit import accounting, backends, plan, tiny
+from portable_kbit import backends
 from portable_kbit.backends.base import AllocatorStats, MiB
 from portable_kbit.backends.cuda import CudaBackend
-from portable_kbit.cast import chunked, required_bytes
-from portable_kbit.index import ModelIndex
+from portable_kbit.model.index import ModelIndex
+from portable_kbit.pipeline import devices as accounting
+from portable_kbit.pipeline import plan
+from portable_kbit.pipeline.cast import chunked, required_bytes
+from portable_kbit.tools import tiny
 
-prepare_module = importlib.import_module("portable_kbit.prepare")  # portable_kbit.prepare is the function
+prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")  # portable_kbit.prepare is the function
 GiB = 1 << 30
 TARGETS = tiny.LORA_TARGETS["llama"]
 SPLIT = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}

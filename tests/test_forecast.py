@@ -19,10 +19,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
-from portable_kbit import backends, presets, tiny
-from portable_kbit.memory import human_bytes
+from portable_kbit import backends
+from portable_kbit.memory.snapshots import human_bytes
+from portable_kbit.tools import presets, tiny
 
-forecasting = importlib.import_module("portable_kbit.forecast")  # portable_kbit.forecast is the function
+forecasting = importlib.import_module("portable_kbit.memory.forecast")  # portable_kbit.forecast is the function
 TARGETS = tiny.LORA_TARGETS["llama"]
 CHECKPOINTING = {"use_reentrant": False}
 

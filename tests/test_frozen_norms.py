@@ -17,7 +17,7 @@ from conftest import bitsandbytes_supports
 from safetensors import safe_open
 
 import portable_kbit
-from portable_kbit import tiny
+from portable_kbit.tools import tiny
 
 ARCHS = ("llama", "gemma", "gpt2", "opt")
 
@@ -80,7 +80,7 @@ class RoundsToItsWeight(torch.nn.Module):
 
 
 def test_parameters_read_as_fp32_inside_the_call_only():
-    from portable_kbit.flow import parameters_in_fp32
+    from portable_kbit.patches.dtype_flow import parameters_in_fp32
 
     norm = RoundsToItsWeight(8)
     x = torch.full((8,), 1 / 3, dtype=torch.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from portable_kbit import tiny
+from portable_kbit.tools import tiny
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 

@@ -17,8 +17,8 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit import tiny
-from portable_kbit.flow import ForwardOverride
+from portable_kbit.patches.dtype_flow import ForwardOverride
+from portable_kbit.tools import tiny
 
 TARGETS = tiny.LORA_TARGETS["llama"]
 

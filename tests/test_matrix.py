@@ -19,8 +19,8 @@ from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
-from portable_kbit import tiny
-from portable_kbit.quantized import quantization_kind
+from portable_kbit.model.quantized import quantization_kind
+from portable_kbit.tools import tiny
 
 # tiny.QUANTIZERS (bitsandbytes nf4/fp4/8-bit, optimum-quanto int8/int4/float8, and "none": a plain bf16 model),
 # plus the weight-only quantizers that load through transformers where their package installs.

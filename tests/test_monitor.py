@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import portable_kbit
-from portable_kbit import backends, tiny
+from portable_kbit import backends
 from portable_kbit.backends.base import AllocatorStats, Backend, MiB
-from portable_kbit.monitor import LowMemoryWarning, MemoryMonitor
+from portable_kbit.memory.monitor import LowMemoryWarning, MemoryMonitor
+from portable_kbit.tools import tiny
 
 GiB = 1 << 30
 TARGETS = tiny.LORA_TARGETS["llama"]

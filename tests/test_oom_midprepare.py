@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from portable_kbit import cast as cast_module
-from portable_kbit.cast import CastJournal, downcast_in_place
-from portable_kbit.plan import ParamCast
+from portable_kbit.pipeline import cast as cast_module
+from portable_kbit.pipeline.cast import CastJournal, downcast_in_place
+from portable_kbit.pipeline.plan import ParamCast
 
 PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "oom_midprepare.py"
 _spec = importlib.util.spec_from_file_location("oom_midprepare", PATH)

@@ -30,8 +30,10 @@ from peft_baseline import prepare_with_peft
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
 import portable_kbit
-from portable_kbit import patch, run, tiny
-from portable_kbit.patch import PeftArgumentWarning, patch_peft
+from portable_kbit.pipeline import patch_peft as patch
+from portable_kbit.pipeline.patch_peft import PeftArgumentWarning, patch_peft
+from portable_kbit.tools import run_patched as run
+from portable_kbit.tools import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = tiny.LORA_TARGETS["llama"]

@@ -16,8 +16,8 @@ from peft import LoraConfig, get_peft_model
 from peft_baseline import prepare_with_peft
 
 import portable_kbit
-from portable_kbit import tiny
-from portable_kbit.models import is_checkpointing
+from portable_kbit.model.hf import is_checkpointing
+from portable_kbit.tools import tiny
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADJACENT = ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]

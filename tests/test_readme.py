@@ -99,7 +99,9 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
         # The short example at the top prepares a `model` it does not define, on a Mac: give it a tiny quantized model
         # and this machine's first device (a bitsandbytes model is loaded where it is prepared; on MPS an
         # optimum-quanto model is loaded on the CPU and prepare() moves it).
-        from portable_kbit import backends, quantizers, tiny
+        from portable_kbit import backends
+        from portable_kbit.tools import quantizer_probe as quantizers
+        from portable_kbit.tools import tiny
 
         target = backends.resolve("auto")
         if target.backend.name == "mps":

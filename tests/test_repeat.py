@@ -17,7 +17,7 @@ from conftest import bitsandbytes_supports
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import portable_kbit
-from portable_kbit import tiny
+from portable_kbit.tools import tiny
 
 # a bitsandbytes and an optimum-quanto model, across norm styles: RMSNorm, 1+weight RMSNorm, LayerNorm with bias
 CASES = [("llama", "bnb-nf4"), ("gemma2", "quanto-int4"), ("gpt2", "bnb-nf4"), ("qwen3", "quanto-int8")]
@@ -56,7 +56,7 @@ def logits(model, device) -> torch.Tensor:
 
 def override_depths(model) -> dict[str, int]:
     """How many of our instance forwards wrap each other on each module (a repeat must not stack them)."""
-    from portable_kbit.flow import ForwardOverride
+    from portable_kbit.patches.dtype_flow import ForwardOverride
 
     depths = {}
     for name, module in model.named_modules():

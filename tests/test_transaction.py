@@ -19,11 +19,12 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit import backends, tiny
+from portable_kbit import backends
 from portable_kbit.backends.cpu import CpuBackend
-from portable_kbit.cast import CastJournal
+from portable_kbit.pipeline.cast import CastJournal
+from portable_kbit.tools import tiny
 
-prepare_module = importlib.import_module("portable_kbit.prepare")  # the module; portable_kbit.prepare is the function
+prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")  # the module; portable_kbit.prepare is the function
 RESTORED = "the model was restored"
 
 # (architecture, quantizer): a bitsandbytes model with RMSNorms, and an optimum-quanto one with LayerNorm biases.
@@ -54,8 +55,8 @@ def prepare_args(arch: str) -> dict:
 
 def plan_chunks(model, arch: str) -> list[int]:
     """The number of casts in each chunk prepare() will make (the plan is built without changing anything)."""
-    from portable_kbit import plan
-    from portable_kbit.cast import chunked
+    from portable_kbit.pipeline import plan
+    from portable_kbit.pipeline.cast import chunked
 
     changes = plan.build(model, "peft", tiny.LORA_TARGETS[arch])
     return [len(chunk) for chunk in chunked(changes.casts, CHUNK_BYTES)]
@@ -165,7 +166,7 @@ def _fail_after(function):
 
 
 def _hooks_then_fail(norms, consumers, activations, *rest):
-    from portable_kbit.flow import install
+    from portable_kbit.patches.dtype_flow import install
 
     install(norms, consumers, activations, *rest)  # hooks registered, handles never returned to prepare()
     raise InjectedFault("injected failure while installing hooks")
@@ -173,7 +174,7 @@ def _hooks_then_fail(norms, consumers, activations, *rest):
 
 def _partial_hooks_then_fail(norms, consumers, activations, *rest):
     # hooks on the first half of the consumers, then the failure: as if a hook's registration raised midway
-    from portable_kbit.flow import install
+    from portable_kbit.patches.dtype_flow import install
 
     install(norms, consumers[: len(consumers) // 2], activations, *rest)
     raise InjectedFault("injected failure while installing hooks")
@@ -181,7 +182,7 @@ def _partial_hooks_then_fail(norms, consumers, activations, *rest):
 
 def _blocks_then_fail(model, blocks_plan, transaction):
     # the blocked head/loss and MLP forwards installed, their handles never returned (nor their undo step registered)
-    from portable_kbit import blocks
+    from portable_kbit.patches import token_blocks as blocks
 
     blocks.install(model, blocks_plan)
     raise InjectedFault("injected failure while installing token blocks")

@@ -11,7 +11,7 @@ from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
-from portable_kbit import tiny
+from portable_kbit.tools import tiny
 
 TARGETS = tiny.LORA_TARGETS["llama"]
 

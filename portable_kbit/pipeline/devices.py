@@ -12,11 +12,11 @@ import dataclasses
 
 import torch
 
-from . import memory
-from .backends import Target
+from ..backends import Target
+from ..errors import MemoryPressureError
+from ..memory import snapshots as memory
+from ..memory.snapshots import MemorySnapshot
 from .cast import chunked, required_bytes
-from .errors import MemoryPressureError
-from .memory import MemorySnapshot
 from .plan import ParamCast
 from .report import DeviceMemory
 

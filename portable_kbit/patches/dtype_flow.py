@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D  # GPT-2 style transposed linear
 
-from .models import weight_of
-from .quantized import handles_its_own_input_dtype, quantization_kind
+from ..model.hf import weight_of
+from ..model.quantized import handles_its_own_input_dtype, quantization_kind
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)

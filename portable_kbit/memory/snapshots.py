@@ -10,8 +10,8 @@ from typing import Any
 import psutil
 import torch
 
-from . import backends
-from .backends import Target
+from .. import backends
+from ..backends import Target
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -38,10 +38,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import checkpoint
 
-from . import plan
-from .flow import AttributeOverride, ForwardOverride
-from .index import ModelIndex
-from .models import hf_model, loss_function, output_embeddings, set_training_flags
+from ..model.hf import hf_model, loss_function, output_embeddings, set_training_flags
+from ..model.index import ModelIndex
+from ..pipeline import plan
+from .dtype_flow import AttributeOverride, ForwardOverride
 
 AUTO = "auto"
 IGNORE_INDEX = -100

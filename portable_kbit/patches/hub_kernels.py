@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .flow import AttributeOverride, ForwardOverride, rewrap_replaced
+from .dtype_flow import AttributeOverride, ForwardOverride, rewrap_replaced
 
 KERNELIZING_METHODS = ("set_use_kernels", "reset_kernels")
 

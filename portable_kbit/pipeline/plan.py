@@ -17,8 +17,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .index import ModelIndex, as_index
-from .models import hf_model, input_embeddings, is_peft_model, set_training_flags, weight_of
+from ..model.hf import hf_model, input_embeddings, is_peft_model, set_training_flags, weight_of
+from ..model.index import ModelIndex, as_index
 
 POLICIES = ("adjacent", "norms", "none", "peft")
 #: how a frozen norm the policy selects gets fp32: computed in fp32 at call time (its parameters keep their dtype), or

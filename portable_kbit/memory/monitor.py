@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from transformers.trainer_callback import TrainerCallback
 
-from . import backends, memory
-from .memory import MemorySnapshot, MiB
+from .. import backends
+from . import snapshots as memory
+from .snapshots import MemorySnapshot, MiB
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from . import backends, memory, tiny
-from .memory import MiB
+from .. import backends
+from ..memory import snapshots as memory
+from ..memory.snapshots import MiB
+from . import tiny
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 import torch
 
-from . import backends
-from .memory import MiB
+from .. import backends
+from .snapshots import MiB
 
 
 class CannotCapWarning(UserWarning):

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backends
-from .backends import Backend
-from .flow import FP32_FLOWS
-from .models import call
+from .. import backends
+from ..backends import Backend
+from ..model.hf import call
+from .dtype_flow import FP32_FLOWS
 
 #: our name in transformers' attention registries (and the models' ``config._attn_implementation`` once switched)
 ATTENTION_NAME = "portable_kbit_sdpa"

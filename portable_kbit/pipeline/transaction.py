@@ -7,8 +7,8 @@ from typing import Literal
 
 from torch import nn
 
-from .hub_kernels import KERNELIZING_METHODS
-from .index import ModelIndex
+from ..model.index import ModelIndex
+from ..patches.hub_kernels import KERNELIZING_METHODS
 
 HOOK_DICTS = (
     "_forward_hooks",

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 DESCRIPTION = "Prepare a quantized LLM for LoRA/QLoRA training without spending memory: tools."
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .backends import BackendUnavailableError
+    from ..backends import BackendUnavailableError
 
     try:
         with _quiet(not args.verbose):
@@ -37,10 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script (its subcommands: env, demo, compare, fit)."""
+    from ..memory.forecast import DEFAULT_SEQ_LENS
+    from ..pipeline.prepare import ACTIVATIONS
     from . import presets
     from .compare import DEFAULT_VARIANTS, VARIANTS
-    from .forecast import DEFAULT_SEQ_LENS
-    from .prepare import ACTIVATIONS
 
     parser = argparse.ArgumentParser(prog="portable-kbit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portable-kbit {__version__}")
@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def environment(probe: bool = True) -> dict[str, Any]:
     """What `portable-kbit env` reports, as a dict."""
-    from . import backends, memory, presets, quantizers
+    from .. import backends
+    from ..memory import snapshots as memory
+    from . import presets
+    from . import quantizer_probe as quantizers
 
     listed = []
     for name in backends.REGISTRY:

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
-from . import backends, presets, quantizers, tiny
-from .forecast import DEFAULT_SEQ_LENS, forecast, measure_step, token_for
-from .guard import memory_guard
-from .memory import GiB, MiB, human_bytes
+from .. import backends
+from ..memory.forecast import DEFAULT_SEQ_LENS, forecast, measure_step, token_for
+from ..memory.guard import memory_guard
+from ..memory.snapshots import GiB, MiB, human_bytes
+from . import presets, tiny
+from . import quantizer_probe as quantizers
 
 CHECKPOINTING = {"use_reentrant": False}
 LORA_RANK = 16
@@ -69,7 +71,7 @@ def parse_lengths(text: str) -> list[int]:
 
 def activation_modes(text: str) -> list[str]:
     """'fp32,native' -> the modes, each one prepare() knows (portable_kbit.prepare.ACTIVATIONS)."""
-    from .prepare import ACTIVATIONS
+    from ..pipeline.prepare import ACTIVATIONS
 
     modes = [mode.strip() for mode in str(text).split(",") if mode.strip()]
     unknown = [mode for mode in modes if mode not in ACTIVATIONS]
@@ -85,7 +87,7 @@ def load_prepared(
     attention projections (lora_alpha 2r, no dropout), non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
-    from .prepare import prepare
+    from ..pipeline.prepare import prepare
 
     targets = list(targets) if targets else presets.lora_targets(path)
     model = tiny.load(path, quantizer, device)

@@ -29,9 +29,12 @@ from typing import Any
 
 import torch
 
-from . import backends, memory, quantizers, tiny
-from .memory import MiB
-from .models import enable_checkpointing
+from .. import backends
+from ..memory import snapshots as memory
+from ..memory.snapshots import MiB
+from ..model.hf import enable_checkpointing
+from . import quantizer_probe as quantizers
+from . import tiny
 from .presets import PRESETS, Preset, build_preset, child_env, lora_targets, materialize, versions
 
 PHASES = ("start", "load", "prep", "lora", "train")
@@ -199,7 +202,7 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         with warnings.catch_warnings():  # peft's own calls of names transformers deprecated: not ours to fix
             warnings.simplefilter("ignore", FutureWarning)
             return prepare_model_for_kbit_training(model, **kwargs)
-    from .prepare import prepare, report
+    from ..pipeline.prepare import prepare, report
 
     options: dict[str, Any] = {
         "ours-fp32": {},

@@ -14,8 +14,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import attention, backends, blocks, hub_kernels, memory, plan
-from .accounting import (
+from .. import backends
+from ..backends import Target
+from ..memory import snapshots as memory
+from ..memory.snapshots import MemorySnapshot
+from ..model.hf import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
+from ..model.index import ModelIndex
+from ..patches import attention, hub_kernels
+from ..patches import token_blocks as blocks
+from ..patches.dtype_flow import ForwardOverride, checkpoint_blocks, is_strict_consumer, may_need_input_cast
+from ..patches.dtype_flow import install as install_flow_hooks
+from . import plan
+from .cast import CastJournal
+from .devices import (
     DeviceShare,
     check_fits,
     chunks_of,
@@ -26,13 +37,6 @@ from .accounting import (
     share_casts,
     smallest_chunk,
 )
-from .backends import Target
-from .cast import CastJournal
-from .flow import ForwardOverride, checkpoint_blocks, is_strict_consumer, may_need_input_cast
-from .flow import install as install_flow_hooks
-from .index import ModelIndex
-from .memory import MemorySnapshot
-from .models import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
 from .report import DeviceMemory, PrepReport
 from .transaction import Transaction
 

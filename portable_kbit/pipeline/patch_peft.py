@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import backends
+from .. import backends
 from .prepare import check_options, prepare, report
 
 ENV_SWITCH = "PORTABLE_KBIT_PATCH_PEFT"

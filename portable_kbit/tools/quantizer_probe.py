@@ -11,8 +11,8 @@ import importlib.util
 
 import torch
 
-from . import backends
-from .backends import Backend
+from .. import backends
+from ..backends import Backend
 
 #: quantizers the probe knows (the names of portable_kbit.tiny.QUANTIZERS, without "none")
 PROBED = ("bnb-nf4", "bnb-fp4", "bnb-8bit", "quanto-int4", "quanto-int8", "quanto-float8")

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from .memory import MemorySnapshot, MiB
+from ..memory.snapshots import MemorySnapshot, MiB
 
 
 def _delta(after: int | None, before: int | None) -> int | None:

@@ -38,11 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backends, memory
-from .backends import Target
+from .. import backends
+from ..backends import Target
+from ..model.hf import hf_model, input_embeddings, set_training_flags
+from . import snapshots as memory
 from .livebytes import LiveTensorBytes, is_fake, parameter_subclasses_pass_fake_mode, transformers_sees_no_tracing
-from .memory import MiB, human_bytes
-from .models import hf_model, input_embeddings, set_training_flags
+from .snapshots import MiB, human_bytes
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096)
 #: the calibration step's length (or the shortest length asked for, if shorter)

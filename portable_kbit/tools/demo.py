@@ -8,8 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import backends, quantizers, tiny
-from .prepare import prepare, report
+from .. import backends
+from ..pipeline.prepare import prepare, report
+from . import quantizer_probe as quantizers
+from . import tiny
 
 ARCH = "llama"
 CHECKPOINTING = {"use_reentrant": False}

@@ -1,0 +1,1 @@
+"""Measuring and forecasting memory: snapshots, live tensor bytes, the step forecast, the guard, the monitor."""
