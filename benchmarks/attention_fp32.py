@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from portable_kbit import backends
-from portable_kbit.backends.base import sdpa_kernel_choice
+from portable_kbit.backends.sdpa import sdpa_kernel_choice
 from portable_kbit.patches import attention
 
 MiB = 1 << 20

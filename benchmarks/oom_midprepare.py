@@ -87,8 +87,8 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
 
     import portable_kbit
     from portable_kbit import backends
-    from portable_kbit.pipeline import plan
     from portable_kbit.pipeline.cast import chunked, required_bytes
+    from portable_kbit.pipeline.prepare import planned_changes
     from portable_kbit.tools import compare, tiny
 
     model_state = _model_state()
@@ -106,7 +106,7 @@ def run(preset: str, device_name: str, cache_dir: str | None, chunk_bytes: int |
 
     # the chunks prepare() will cast (the plan changes nothing), and the chunk that will run out of memory
     budget = chunk_bytes or target.backend.chunk_budget(None, target.backend.is_unified(device))
-    changes = plan.build(model, "peft", targets)
+    changes, _ = planned_changes(model, "peft", targets)
     chunks = chunked(changes.casts, budget)
     sizes = [sum(c.new_bytes for c in chunk) for chunk in chunks]
     if len(chunks) < 2:

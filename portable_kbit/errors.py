@@ -1,10 +1,13 @@
-"""Exceptions raised by portable_kbit; all are raised before the model is changed (or after it was restored)."""
+"""The errors portable_kbit raises on purpose; every one is raised before the model is changed (or once it is
+restored)."""
 
 from __future__ import annotations
 
-from .backends import BackendUnavailableError
+from .constants import MiB
 
-MiB = 1 << 20
+
+class BackendUnavailableError(ValueError):
+    """The device asked for is not usable on this machine."""
 
 
 class MemoryPressureError(RuntimeError):

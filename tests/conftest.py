@@ -32,3 +32,11 @@ def device(backend):
 
 def bitsandbytes_supports(backend: str) -> bool:
     return backend in ("cuda", "rocm", "cpu")
+
+
+def planned_changes(model, upcast="adjacent", target_modules=None, frozen_norms="compute"):
+    """The plan prepare() would build for these options, without changing the model."""
+    import importlib
+
+    prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")
+    return prepare_module.planned_changes(model, upcast, target_modules, frozen_norms)[0]

@@ -21,7 +21,7 @@ import portable_kbit
 from portable_kbit import backends
 from portable_kbit.backends import BackendUnavailableError
 from portable_kbit.backends import mps as mps_module
-from portable_kbit.backends.base import MiB
+from portable_kbit.constants import MiB
 from portable_kbit.model.hf import is_checkpointing
 from portable_kbit.pipeline import devices as accounting
 from portable_kbit.tools import tiny

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import portable_kbit
 from portable_kbit.backends.base import Backend
-from portable_kbit.patches import token_blocks as blocks
+from portable_kbit.patches.token_blocks import plan as blocks
 from portable_kbit.tools import tiny
 
 TOLERANCE = 1e-5
@@ -354,7 +354,7 @@ def test_token_blocks_none_undoes_and_a_repeat_does_not_stack():
     prepare(model, token_blocks=BLOCK)
     assert installed(model) == once
     mlp = model.model.layers[0].mlp
-    assert mlp.__dict__["forward"].override.previous is None  # wraps the class forward, not the previous blocked one
+    assert mlp.__dict__["forward"].patch.previous is None  # wraps the class forward, not the previous blocked one
     loss = model.__dict__["_loss_function"]
     assert loss.blocked_loss_of is transformers.loss.loss_utils.ForCausalLMLoss
     prepare(model, token_blocks=None)

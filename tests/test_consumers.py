@@ -74,9 +74,15 @@ class TinyMoE(nn.Module):
 
 
 def fp32_flow(model: TinyMoE, consumers: list[nn.Module], fallbacks: list[nn.Module] = ()) -> list:
-    """The hooks prepare() installs with activations="fp32": the norm hands fp32 on, the consumers are guarded."""
+    """The patches prepare() applies with activations="fp32": the norm hands fp32 on, the consumers are guarded."""
     model.norm.float()
-    return install({model.norm: BF16}, consumers, "fp32", fallback_consumers=fallbacks)
+    return applied(install({model.norm: BF16}, consumers, "fp32", fallback_consumers=fallbacks))
+
+
+def applied(patches: list) -> list:
+    for patch in patches:
+        patch.apply()
+    return patches
 
 
 def test_router_and_grouped_experts_are_consumers_and_compute_in_their_dtype():
@@ -132,7 +138,7 @@ def test_fp32_parameters_kept_on_purpose_do_not_decide_the_dtype():
     mixer.A_log.data = mixer.A_log.data.float()
     assert is_strict_consumer(mixer)
     norm = nn.LayerNorm(64).float()
-    install({norm: BF16}, [mixer, mixer.in_proj], "fp32")
+    applied(install({norm: BF16}, [mixer, mixer.in_proj], "fp32"))
     seen = []
     mixer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     assert mixer(norm(torch.randn(4, 64))).dtype == FP32
@@ -168,7 +174,7 @@ def test_two_dimensional_matrices_beside_children_switch_on_the_first_dtype_fail
     assert not is_strict_consumer(relative) and may_need_input_cast(relative)
     assert may_need_input_cast(table)
     norm = nn.LayerNorm(64).float()  # the flow is fp32 where an upcast norm hands fp32 on
-    install({norm: BF16}, [relative.linear, table.linear], "fp32", fallback_consumers=[relative, table])
+    applied(install({norm: BF16}, [relative.linear, table.linear], "fp32", fallback_consumers=[relative, table]))
     x = torch.randn(3, 64, dtype=FP32)
     with pytest.warns(UserWarning, match="RelativeBias cannot take a torch.float32 input"):
         assert relative(x).dtype == FP32
@@ -194,7 +200,7 @@ def test_a_router_that_peft_parametrizes_is_still_a_consumer():
     router = model.gate
     assert is_strict_consumer(router)
     norm = nn.LayerNorm(64).float()
-    install({norm: BF16}, [router], "fp32")
+    applied(install({norm: BF16}, [router], "fp32"))
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=["gate.weight"]))
     seen = []
     router.register_forward_pre_hook(
@@ -245,7 +251,7 @@ def test_an_override_calls_the_class_forward_of_the_moment():
     """FSDP2's fully_shard swaps a module's class after prepare() (and transformers' checkpointing wrapper only
     checkpoints when it is the class's own forward): an instance forward must call the class forward found at call
     time, not the one bound when it was installed."""
-    from portable_kbit.patches.dtype_flow import ForwardOverride
+    from portable_kbit.patches.protocol import InstanceForward
 
     class Block(nn.Module):
         def forward(self, x):
@@ -256,7 +262,8 @@ def test_an_override_calls_the_class_forward_of_the_moment():
             return x + 100
 
     block = Block()
-    handle = ForwardOverride(block, lambda call_previous: lambda x: call_previous(x) * 2)
+    handle = InstanceForward(block, lambda call_previous: lambda x: call_previous(x) * 2)
+    handle.apply()
     assert block(torch.zeros(1)).item() == 2
     block.__class__ = Swapped
     assert block(torch.zeros(1)).item() == 200

@@ -15,12 +15,14 @@ import importlib
 import model_state
 import pytest
 import torch
+from conftest import planned_changes
 from peft import LoraConfig
 
 import portable_kbit
 from portable_kbit import backends
-from portable_kbit.backends.base import AllocatorStats, MiB
+from portable_kbit.backends.base import AllocatorStats
 from portable_kbit.backends.cuda import CudaBackend
+from portable_kbit.constants import MiB
 from portable_kbit.model.index import ModelIndex
 from portable_kbit.pipeline import devices as accounting
 from portable_kbit.pipeline import plan
@@ -113,7 +115,7 @@ def load():
 def required_on(model, device: torch.device, chunk_bytes: int, **kwargs) -> int:
     """What the casts planned on `device` need, computed here from the plan itself."""
     options = {k: v for k, v in kwargs.items() if k in ("upcast", "target_modules", "frozen_norms")}
-    changes = plan.build(
+    changes = planned_changes(
         model,
         options.get("upcast", "adjacent"),
         options.get("target_modules"),

@@ -24,6 +24,8 @@ from portable_kbit.memory.snapshots import human_bytes
 from portable_kbit.tools import presets, tiny
 
 forecasting = importlib.import_module("portable_kbit.memory.forecast")  # portable_kbit.forecast is the function
+steps = importlib.import_module("portable_kbit.memory.steps")
+
 TARGETS = tiny.LORA_TARGETS["llama"]
 CHECKPOINTING = {"use_reentrant": False}
 
@@ -50,7 +52,7 @@ def four_layers():
 @pytest.mark.parametrize("activations", ["fp32", "native"])
 def test_tiny_prediction_at_an_uncalibrated_length_is_within_15_percent(four_layers, activations):
     model = trainable_model(four_layers, activations)
-    assert forecasting.repeated_layers(model) is not None, "the 4 identical layers should be sampled"
+    assert steps.repeated_layers(model) is not None, "the 4 identical layers should be sampled"
     before = model_state.take(model)
     rng = torch.get_rng_state()
     result = portable_kbit.forecast(model, seq_lens=(64, 256), budget_bytes=64 << 20)
@@ -311,12 +313,12 @@ def test_a_step_that_fails_inside_a_checkpoint_leaves_no_saved_tensor_hook():
 
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     x = torch.ones(2, requires_grad=True)
-    with pytest.raises(TypeError), forecasting.closing_checkpoints_on_error():
+    with pytest.raises(TypeError), steps.closing_checkpoints_on_error():
         checkpoint_as_in_torch_2_11(fails, x)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
     # and without it, the hook stays (what the H100 image showed)
     with pytest.raises(TypeError) as raised:
         checkpoint_as_in_torch_2_11(fails, x)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) != top
-    forecasting._close_suspended_checkpoints(raised.value.__traceback__)
+    steps._close_suspended_checkpoints(raised.value.__traceback__)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top

@@ -80,7 +80,7 @@ class RoundsToItsWeight(torch.nn.Module):
 
 
 def test_parameters_read_as_fp32_inside_the_call_only():
-    from portable_kbit.patches.dtype_flow import parameters_in_fp32
+    from portable_kbit.patches.fp32_compute import parameters_in_fp32
 
     norm = RoundsToItsWeight(8)
     x = torch.full((8,), 1 / 3, dtype=torch.float32)

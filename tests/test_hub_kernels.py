@@ -17,7 +17,7 @@ import torch
 from conftest import bitsandbytes_supports
 
 import portable_kbit
-from portable_kbit.patches.dtype_flow import ForwardOverride
+from portable_kbit.patches.protocol import InstanceForward
 from portable_kbit.tools import tiny
 
 TARGETS = tiny.LORA_TARGETS["llama"]
@@ -62,7 +62,7 @@ def test_train_and_eval_keep_the_fp32_norms_where_transformers_kernelizes(backen
     with torch.no_grad():
         model(input_ids=ids)
     assert {id(norm): seen.get(id(norm)) for norm in norms} == {id(norm): torch.float32 for norm in norms}
-    assert all(isinstance(getattr(norm.forward, "override", None), ForwardOverride) for norm in norms)
+    assert all(isinstance(getattr(norm.forward, "patch", None), InstanceForward) for norm in norms)
 
 
 class DroppingKernelizer:
@@ -103,8 +103,8 @@ def test_forwards_are_put_back_after_a_kernelization(backend, device, kernelizer
     after = {name: m.__dict__.get("forward") for name, m in model.named_modules() if "forward" in m.__dict__}
     assert after.keys() == installed.keys()
     for name, forward in after.items():
-        handle = getattr(forward, "override", None)
-        assert isinstance(handle, ForwardOverride) and handle is installed[name].override, name
+        handle = getattr(forward, "patch", None)
+        assert isinstance(handle, InstanceForward) and handle is installed[name].patch, name
 
 
 def test_a_second_prepare_wraps_the_class_method_once(backend, device, kernelizer):
@@ -117,7 +117,7 @@ def test_a_second_prepare_wraps_the_class_method_once(backend, device, kernelize
     blocked = portable_kbit.report(model).blocked_mlps
     assert blocked
     for name in blocked:
-        assert isinstance(getattr(model.get_submodule(name).forward, "override", None), ForwardOverride), name
+        assert isinstance(getattr(model.get_submodule(name).forward, "patch", None), InstanceForward), name
 
 
 def test_a_failed_kernelization_still_puts_the_forwards_back(backend, device, monkeypatch):
@@ -134,4 +134,4 @@ def test_a_failed_kernelization_still_puts_the_forwards_back(backend, device, mo
     norms = compute_norms(model)
     with pytest.raises(RuntimeError, match="kernel download failed"):
         model.set_use_kernels(True)
-    assert all(isinstance(getattr(norm.forward, "override", None), ForwardOverride) for norm in norms)
+    assert all(isinstance(getattr(norm.forward, "patch", None), InstanceForward) for norm in norms)

@@ -10,7 +10,7 @@ from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
-from portable_kbit.patches.dtype_flow import checkpoint_blocks
+from portable_kbit.model.layers import checkpointed_layers as checkpoint_blocks
 from portable_kbit.tools import tiny
 
 TARGETS = tiny.LORA_TARGETS["llama"]

@@ -11,7 +11,8 @@ import torch
 
 import portable_kbit
 from portable_kbit import backends
-from portable_kbit.backends.base import AllocatorStats, Backend, MiB
+from portable_kbit.backends.base import AllocatorStats, Backend
+from portable_kbit.constants import MiB
 from portable_kbit.memory.monitor import LowMemoryWarning, MemoryMonitor
 from portable_kbit.tools import tiny
 

@@ -56,13 +56,13 @@ def logits(model, device) -> torch.Tensor:
 
 def override_depths(model) -> dict[str, int]:
     """How many of our instance forwards wrap each other on each module (a repeat must not stack them)."""
-    from portable_kbit.patches.dtype_flow import ForwardOverride
+    from portable_kbit.patches.protocol import InstanceForward
 
     depths = {}
     for name, module in model.named_modules():
         depth, forward = 0, module.__dict__.get("forward")
-        while isinstance(getattr(forward, "override", None), ForwardOverride):
-            depth, forward = depth + 1, forward.override.previous
+        while isinstance(getattr(forward, "patch", None), InstanceForward):
+            depth, forward = depth + 1, forward.patch.previous
         if depth:
             depths[name] = depth
     return depths

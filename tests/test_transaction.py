@@ -16,7 +16,7 @@ import math
 import model_state
 import pytest
 import torch
-from conftest import bitsandbytes_supports
+from conftest import bitsandbytes_supports, planned_changes
 
 import portable_kbit
 from portable_kbit import backends
@@ -24,7 +24,7 @@ from portable_kbit.backends.cpu import CpuBackend
 from portable_kbit.pipeline.cast import CastJournal
 from portable_kbit.tools import tiny
 
-prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")  # the module; portable_kbit.prepare is the function
+prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")  # the module, not the function
 RESTORED = "the model was restored"
 
 # (architecture, quantizer): a bitsandbytes model with RMSNorms, and an optimum-quanto one with LayerNorm biases.
@@ -55,10 +55,9 @@ def prepare_args(arch: str) -> dict:
 
 def plan_chunks(model, arch: str) -> list[int]:
     """The number of casts in each chunk prepare() will make (the plan is built without changing anything)."""
-    from portable_kbit.pipeline import plan
     from portable_kbit.pipeline.cast import chunked
 
-    changes = plan.build(model, "peft", tiny.LORA_TARGETS[arch])
+    changes = planned_changes(model, "peft", tiny.LORA_TARGETS[arch])
     return [len(chunk) for chunk in chunked(changes.casts, CHUNK_BYTES)]
 
 
@@ -165,40 +164,47 @@ def _fail_after(function):
     return wrapper
 
 
-def _hooks_then_fail(norms, consumers, activations, *rest):
-    from portable_kbit.patches.dtype_flow import install
+def _hooks_then_fail(original):
+    def install(*args, **kwargs):
+        for patch in original(*args, **kwargs):  # applied, never handed to the call's patch set
+            patch.apply()
+        raise InjectedFault("injected failure while installing hooks")
 
-    install(norms, consumers, activations, *rest)  # hooks registered, handles never returned to prepare()
-    raise InjectedFault("injected failure while installing hooks")
+    return install
 
 
-def _partial_hooks_then_fail(norms, consumers, activations, *rest):
-    # hooks on the first half of the consumers, then the failure: as if a hook's registration raised midway
-    from portable_kbit.patches.dtype_flow import install
+def _partial_hooks_then_fail(original):
+    def install(*args, **kwargs):
+        patches = original(*args, **kwargs)
+        for patch in patches[: len(patches) // 2]:  # as if applying one raised midway
+            patch.apply()
+        raise InjectedFault("injected failure while installing hooks")
 
-    install(norms, consumers[: len(consumers) // 2], activations, *rest)
-    raise InjectedFault("injected failure while installing hooks")
+    return install
 
 
 def _blocks_then_fail(model, blocks_plan, transaction):
-    # the blocked head/loss and MLP forwards installed, their handles never returned (nor their undo step registered)
-    from portable_kbit.patches import token_blocks as blocks
+    # the blocked head/loss and MLP forwards applied, never handed to the call's patch set
+    from portable_kbit.patches.token_blocks import plan as blocks
+    from portable_kbit.patches.token_blocks.counts import BlockedCalls
 
-    blocks.install(model, blocks_plan)
+    for patch in blocks.patches(model, blocks_plan, BlockedCalls()):
+        patch.apply()
     raise InjectedFault("injected failure while installing token blocks")
 
 
+DTYPE_FLOW = importlib.import_module("portable_kbit.patches.dtype_flow")
 STEPS = {
-    "flow hooks (all installed)": ("install_flow_hooks", lambda original: _hooks_then_fail),
-    "token blocks": ("add_token_blocks", _fail_after),
-    "token blocks (handles lost)": ("add_token_blocks", lambda original: _blocks_then_fail),
-    "flow hooks (half installed)": ("install_flow_hooks", lambda original: _partial_hooks_then_fail),
-    "fp32 attention": ("install_fp32_attention", _fail_after),
-    "gradient checkpointing": ("enable_gradient_checkpointing", _fail_after),
-    "kernelization wrappers": ("keep_forwards_through_kernelization", _fail_after),
-    "finish on devices": ("finish_on_devices", _fail_after),
-    "report": ("build_report", _fail_after),
-    "freeze": ("freeze_base_weights", _fail_after),
+    "dtype flow (all applied, none recorded)": (DTYPE_FLOW, "install", _hooks_then_fail),
+    "token blocks": (prepare_module, "add_token_blocks", _fail_after),
+    "token blocks (patches not recorded)": (prepare_module, "add_token_blocks", lambda original: _blocks_then_fail),
+    "dtype flow (half applied)": (DTYPE_FLOW, "install", _partial_hooks_then_fail),
+    "fp32 attention": (prepare_module, "switch_attention", _fail_after),
+    "gradient checkpointing": (prepare_module, "enable_gradient_checkpointing", _fail_after),
+    "kernelization wrappers": (prepare_module, "keep_forwards_through_kernelization", _fail_after),
+    "finish on devices": (prepare_module, "finish_on_devices", _fail_after),
+    "report": (prepare_module, "build_report", _fail_after),
+    "freeze": (prepare_module, "freeze_base_weights", _fail_after),
 }
 
 
@@ -208,8 +214,8 @@ STEPS = {
 def test_failure_in_a_later_step_restores_everything(backend, device, arch, quantizer, upcast, step, monkeypatch):
     model = load(arch, quantizer, backend, device)
     before = model_state.take(model)
-    name, make = STEPS[step]
-    monkeypatch.setattr(prepare_module, name, make(getattr(prepare_module, name)))
+    module, name, make = STEPS[step]
+    monkeypatch.setattr(module, name, make(getattr(module, name)))
     with pytest.raises(InjectedFault) as raised:
         portable_kbit.prepare(
             model,
@@ -260,10 +266,10 @@ def test_failure_in_a_second_call_restores_the_first_calls_state(backend, device
     first_report = portable_kbit.report(model)
     hooks = model_state.hook_count(model)
     before = model_state.take(model)
-    for step in ("flow hooks (all installed)", "fp32 attention", "gradient checkpointing", "report"):
-        name, make = STEPS[step]
+    for step in ("dtype flow (all applied, none recorded)", "fp32 attention", "gradient checkpointing", "report"):
+        module, name, make = STEPS[step]
         with monkeypatch.context() as patch:
-            patch.setattr(prepare_module, name, make(getattr(prepare_module, name)))
+            patch.setattr(module, name, make(getattr(module, name)))
             with pytest.raises(InjectedFault) as raised:
                 # a different policy and checkpointing kwargs: the second call has casts and checkpointing to undo
                 portable_kbit.prepare(

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from ..errors import BackendUnavailableError
 from .base import AllocatorStats, Backend
 
 # name -> "module:Class", imported on first use (einops' _backends pattern). Order = "auto" preference; cpu last.
@@ -24,10 +25,6 @@ REGISTRY: dict[str, str] = {
 DEVICE_PATTERN = re.compile(r"^(?P<name>[a-z]+)(?::(?P<index>\d+))?$")
 
 _instances: dict[str, Backend] = {}
-
-
-class BackendUnavailableError(ValueError):
-    """The device asked for is not usable on this machine."""
 
 
 @dataclasses.dataclass(frozen=True)

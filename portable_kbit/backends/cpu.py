@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, MiB, sdpa_kernel_choice, torch_version
+from ..constants import MiB
+from .base import Backend, torch_version
+from .sdpa import sdpa_kernel_choice
 
 # Where torch cannot say which kernel it would pick: the CPU flash kernel takes fp32 with GQA from torch 2.9 (read
-# from torch's sources and notes/backend-facts.md; a version guard only for a torch that cannot be asked).
+# from torch's sources and docs/backend-facts.md; a version guard only for a torch that cannot be asked).
 CPU_FLASH_TAKES_FP32_GQA_FROM = (2, 9)
 
 

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 import psutil
 import torch
 
-from .base import AllocatorStats, Backend, MiB, accelerator_function, probe, real_tensors_for_fake
+from ..constants import MiB
+from .base import AllocatorStats, Backend, accelerator_function, probe
+from .sdpa import real_tensors_for_fake
 
 
 class CudaBackend(Backend):

@@ -1,6 +1,6 @@
 """Apple Silicon (Metal). torch.mps APIs from torch 2.5; torch.accelerator's memory API works on MPS only from 2.13.
 
-Written against the documented APIs (see notes/backend-facts.md); exercised here by contract tests that stand in
+Written against the documented APIs (see docs/backend-facts.md); exercised here by contract tests that stand in
 for torch.mps, not on Apple hardware.
 """
 
@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import AllocatorStats, Backend, MiB, accelerator_function, probe, torch_version
+from ..constants import MiB
+from .base import AllocatorStats, Backend, accelerator_function, probe, torch_version
 
 # On 2.9-2.12 torch.accelerator's memory functions raise "Allocator for mps is not a DeviceAllocator".
 ACCELERATOR_MEMORY_ON_MPS_FROM = (2, 13)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import AllocatorStats, MiB
+from ..constants import MiB
+from .base import AllocatorStats
 from .cuda import CudaBackend
 
 

@@ -26,13 +26,10 @@ the H100; 1.0 on the CPU).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import json
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,20 +37,18 @@ from torch import nn
 
 from .. import backends
 from ..backends import Target
-from ..model.hf import hf_model, input_embeddings, set_training_flags
-from . import snapshots as memory
-from .livebytes import LiveTensorBytes, is_fake, parameter_subclasses_pass_fake_mode, transformers_sees_no_tracing
-from .snapshots import MiB, human_bytes
+from ..constants import MiB
+from ..model.hf import hf_model, input_embeddings
+from . import snapshots
+from .longest import MAX_SEARCH_STEPS, SEQ_LEN_STEP, longest_fitting
+from .snapshots import human_bytes
+from .steps import FakeSteps, MeasuredStep, measure_step
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096)
 #: the calibration step's length (or the shortest length asked for, if shorter)
 CALIBRATION_SEQ_LEN = 256
-#: longest_seq_len is a multiple of this
-SEQ_LEN_STEP = 256
 #: the search ceiling where the config names no maximum position
 DEFAULT_MAX_SEQ_LEN = 32768
-#: fake steps the search for longest_seq_len may take beyond the requested lengths
-MAX_SEARCH_STEPS = 12
 METHODS = ("auto", "fake", "extrapolate")
 
 
@@ -175,7 +170,7 @@ def forecast(
     target = _target_of(model, device)
     ceiling = max_seq_len or _max_positions(model) or DEFAULT_MAX_SEQ_LEN
     calibration_len = min(CALIBRATION_SEQ_LEN, *lengths)
-    before = memory.take(target)
+    before = snapshots.take(target)
     notes: list[str] = []
     budget, budget_source = (budget_bytes, "argument") if budget_bytes is not None else _default_budget(before, model)
     fraction, allocator = target.backend.allocatable_fraction(target.device)
@@ -369,7 +364,7 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _default_budget(before: memory.MemorySnapshot, model: nn.Module) -> tuple[int, str]:
+def _default_budget(before: snapshots.MemorySnapshot, model: nn.Module) -> tuple[int, str]:
     """What the device can take now: headroom (free memory, on unified memory the host's available memory, plus the
     allocator's unused cache) plus what is allocated already (the weights are part of the peak)."""
     if before.headroom is None:
@@ -392,300 +387,6 @@ def token_for(model: nn.Module) -> int:
     config = getattr(hf_model(model), "config", None)
     special = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
     return next((t for t in range(min(vocab, 8)) if t not in special), 0)
-
-
-# ---- one training step, fake or real -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def closing_checkpoints_on_error() -> Iterator[None]:
-    """A step that raises inside a checkpointed layer must not leave checkpoint's saved-tensor hook behind.
-
-    torch.utils.checkpoint (non-reentrant) pushes that hook in a generator, and up to torch 2.11 ``checkpoint()`` does
-    not close the generator when the checkpointed function raises: the hook stays pushed until the garbage collector
-    finds the generator, and every later forward in the process saves its tensors through a dead checkpoint ("A
-    different number of tensors was saved during the original forward and recomputation"). Seen on the H100 image
-    (torch 2.11) after a failed fake step; torch 2.13 closes it itself. The suspended generators are found in the
-    traceback's frames and closed, innermost first, before the error goes on."""
-    try:
-        yield
-    except BaseException as error:
-        _close_suspended_checkpoints(error.__traceback__)
-        raise
-
-
-def _close_suspended_checkpoints(traceback: Any) -> None:
-    import torch.utils.checkpoint as checkpoint_module
-
-    code = getattr(getattr(checkpoint_module, "_checkpoint_without_reentrant_generator", None), "__code__", None)
-    frames = []
-    while traceback is not None:
-        frames.append(traceback.tb_frame)
-        traceback = traceback.tb_next
-    for frame in reversed(frames):
-        for value in list(frame.f_locals.values()):
-            if inspect.isgenerator(value) and value.gi_code is code and value.gi_frame is not None:
-                value.close()
-
-
-@contextlib.contextmanager
-def untouched(model: nn.Module) -> Iterator[list[nn.Parameter]]:
-    """Run a step on `model` and leave it as it was: training flags, every parameter's and buffer's tensor (an op under
-    a fake mode must not leave a fake one behind), and the trainable parameters' gradients. Yields the trainable
-    parameters, their gradients cleared for the step."""
-    training = [(module, module.training) for module in model.modules()]
-    slots = [
-        (module, kind, dict(getattr(module, kind)))
-        for module in model.modules()
-        for kind in ("_parameters", "_buffers")
-        if getattr(module, kind)
-    ]
-    with torch._C.DisableTorchFunctionSubclass():
-        params = list(model.parameters())
-        datas = [(p, p.data) for p in params]
-        trainable = [p for p in params if p.requires_grad]
-    grads = [(p, p.grad) for p in trainable]
-    for p in trainable:
-        p.grad = None
-    try:
-        yield trainable
-    finally:
-        for p, grad in grads:
-            p.grad = grad
-        for module, kind, saved in slots:
-            current = getattr(module, kind)
-            for name, tensor in saved.items():
-                if current.get(name) is not tensor:
-                    current[name] = tensor
-        with torch._C.DisableTorchFunctionSubclass():
-            for p, data in datas:
-                if is_fake(p.data) or p.data.untyped_storage() is not data.untyped_storage():
-                    p.data = data
-        for module, flag in training:
-            module.training = flag
-
-
-def _adamw(params: Sequence[torch.Tensor], foreach: bool | None) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(params), lr=1e-4, foreach=foreach)
-
-
-def _default_foreach(params: Sequence[torch.Tensor]) -> bool | None:
-    """What AdamW picks by default for these (real) parameters: foreach on accelerators. The fake twins would not
-    be recognised as such, so the choice is made on the real ones and passed explicitly."""
-    try:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-
-        _, foreach = _default_to_fused_or_foreach(list(params), differentiable=False, use_fused=False)
-        return bool(foreach)
-    except Exception:  # private helper: None lets AdamW decide
-        return None
-
-
-def _forward_backward(model: nn.Module, ids: torch.Tensor, tracker: LiveTensorBytes) -> None:
-    tracker.phase = "forward"
-    with torch.enable_grad():  # a training step, even if the caller is under no_grad
-        loss = model(input_ids=ids, labels=ids).loss
-        tracker.phase = "backward"
-        loss.backward()
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer, tracker: LiveTensorBytes) -> None:
-    tracker.phase = "optimizer"
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSample:
-    """The decoder's repeated layers, and how many of them a fake step needs: the peak of a step is affine in the
-    number of identical layers (each adds its weights, its saved input or activations, its adapters' gradients and
-    optimizer state at the same rate), so steps with `period` and 2 x `period` layers give it for all of them."""
-
-    parent: nn.Module
-    name: str
-    layers: nn.ModuleList
-    period: int
-
-    @property
-    def count(self) -> int:
-        return len(self.layers)
-
-    @contextlib.contextmanager
-    def first(self, k: int) -> Iterator[None]:
-        """The model with only its first k layers for the duration of the block."""
-        self.parent._modules[self.name] = nn.ModuleList(list(self.layers)[:k])
-        try:
-            yield
-        finally:
-            self.parent._modules[self.name] = self.layers
-
-
-def _layer_signature(layer: nn.Module) -> tuple:
-    with torch._C.DisableTorchFunctionSubclass():
-        params = tuple(
-            (name, type(p), tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters()
-        )
-    return type(layer), params, tuple(type(m) for m in layer.modules())
-
-
-def _period(config: Any, count: int) -> int:
-    """The smallest repeat of the config's layer_types (sliding and full attention alternating), 1 without them."""
-    types = list(getattr(config, "layer_types", None) or [])
-    if len(types) != count:
-        return 1
-    for period in range(1, count + 1):
-        if all(types[i] == types[i % period] for i in range(count)):
-            return period
-    return count
-
-
-def repeated_layers(model: nn.Module) -> LayerSample | None:
-    """The decoder's stack of identical layers (config.num_hidden_layers of them, same class, same parameter shapes
-    and dtypes), if sampling it saves work; None otherwise (then the fake step runs every layer)."""
-    base = hf_model(model)
-    config = getattr(base, "config", None)
-    count = getattr(config, "num_hidden_layers", None)
-    if not _positive_int(count):
-        return None
-    for qualified, module in base.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) != count or not qualified:
-            continue
-        signatures = {_layer_signature(layer) for layer in module}
-        period = _period(config, count)
-        if len(signatures) != 1 or count <= 2 * period:
-            return None
-        parent_name, _, name = qualified.rpartition(".")
-        return LayerSample(base.get_submodule(parent_name), name, module, period)
-    return None
-
-
-class FakeSteps:
-    """Fake training steps of one model on one device, memoised per length: peak bytes of live tensors.
-
-    With `sample_layers` (default) a stack of identical decoder layers runs with `period` and 2 x `period` of its
-    layers and the peak is extrapolated to all of them (exact when the layers are identical; a 7B model's step
-    costs a few layers' worth of Python instead of 32).
-    """
-
-    def __init__(
-        self, model: nn.Module, device: torch.device, batch_size: int, token: int, sample_layers: bool = True
-    ) -> None:
-        self.model, self.device, self.batch_size, self.token = model, device, batch_size, token
-        self.sample = repeated_layers(model) if sample_layers else None
-        self._peaks: dict[int, tuple[int, str]] = {}
-        self.static_bytes: int | None = None
-        self.steps = 0
-
-    def peak(self, seq_len: int) -> int:
-        if seq_len not in self._peaks:
-            self._peaks[seq_len] = self._extrapolated(seq_len)
-        return self._peaks[seq_len][0]
-
-    def phases(self) -> dict[int, str]:
-        return {seq_len: phase for seq_len, (_, phase) in self._peaks.items()}
-
-    def _extrapolated(self, seq_len: int) -> tuple[int, str]:
-        sample = self.sample
-        if sample is None:
-            peak, static, phase = self._run(seq_len)
-            self.static_bytes = static
-            return peak, phase
-        few, more = sample.period, 2 * sample.period
-        with sample.first(few):
-            peak_few, static_few, _ = self._run(seq_len)
-        with sample.first(more):
-            peak_more, static_more, phase = self._run(seq_len)
-        scale = (sample.count - few) / (more - few)
-        self.static_bytes = round(static_few + scale * (static_more - static_few))
-        return round(peak_few + scale * (peak_more - peak_few)), phase
-
-    def _run(self, seq_len: int) -> tuple[int, int, str]:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        self.steps += 1
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        tracker = LiveTensorBytes(self.device, fake_mode)
-        model = self.model
-        with (
-            closing_checkpoints_on_error(),
-            untouched(model) as trainable,
-            transformers_sees_no_tracing(),
-            parameter_subclasses_pass_fake_mode(),
-        ):
-            foreach = _default_foreach(trainable)
-            set_training_flags(model.modules())  # transformers checkpoints activations only in training mode
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tracker.adopt(tensor)
-            with fake_mode, tracker:
-                twins = [fake_mode.from_tensor(p) for p in trainable]
-                optimizer = _adamw(twins, foreach)
-                for twin in twins:  # the optimizer's state exists in every step after the first: make it now
-                    twin.grad = torch.zeros_like(twin)
-                _optimizer_step(optimizer, tracker)
-                ids = torch.full((self.batch_size, seq_len), self.token, dtype=torch.long, device=self.device)
-                tracker.phase = "forward"
-                tracker.reset_peak()
-                _forward_backward(model, ids, tracker)
-                for p, twin in zip(trainable, twins, strict=True):  # the gradients reached the real leaves
-                    twin.grad, p.grad = p.grad, None
-                _optimizer_step(optimizer, tracker)
-            return tracker.peak_bytes, tracker.static_bytes, tracker.peak_phase
-
-
-@dataclasses.dataclass
-class MeasuredStep:
-    peak_bytes: int  # the allocator's peak allocated, or live tensor bytes where the device keeps no peak (CPU)
-    source: str
-    live_tensor_peak: int  # bytes of live tensors counted op by op (the same accounting as the fake step)
-    device_bytes: int | None  # peak allocated minus allocated before (None: no allocator numbers)
-    notes: list[str]
-
-
-def measure_step(model: nn.Module, target: Target, seq_len: int, batch_size: int, token: int) -> MeasuredStep:
-    """One real training step at `seq_len` after the optimizer state was made (the same protocol as the fake step),
-    on the real model and device; the trainable parameters, their gradients and the RNG state are put back after.
-
-    The peak: the allocator's peak allocated where the backend keeps one (CUDA, ROCm, MPS from torch 2.13), else the
-    bytes of live torch tensors counted op by op (the CPU: that is what a forecast predicts there).
-    """
-    backend, device = target.backend, target.device
-    notes: list[str] = []
-    tracker = LiveTensorBytes(device)
-    with closing_checkpoints_on_error(), untouched(model) as trainable, backend.preserved_rng(device):
-        saved = [p.detach().to("cpu", copy=True) for p in trainable]  # host copies: no device memory
-        set_training_flags(model.modules())
-        try:
-            backend.synchronize(device)
-            before = backend.allocator_stats(device)
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tracker.adopt(tensor)
-            with tracker:
-                optimizer = _adamw(trainable, None)
-                for p in trainable:
-                    p.grad = torch.zeros_like(p)
-                _optimizer_step(optimizer, tracker)
-                ids = torch.full((batch_size, seq_len), token, dtype=torch.long, device=device)
-                backend.synchronize(device)
-                backend.reset_peak(device)
-                tracker.phase = "forward"
-                tracker.reset_peak()
-                _forward_backward(model, ids, tracker)
-                _optimizer_step(optimizer, tracker)
-            backend.synchronize(device)
-            after = backend.allocator_stats(device)
-            del optimizer, ids
-        finally:
-            with torch.no_grad():
-                for p, copy in zip(trainable, saved, strict=True):
-                    p.copy_(copy)
-    if after.peak_allocated is not None:
-        device_bytes = None if before.allocated is None else after.peak_allocated - before.allocated
-        return MeasuredStep(after.peak_allocated, "allocator peak allocated", tracker.peak_bytes, device_bytes, notes)
-    if device.type != "cpu":
-        notes.append(
-            f"{backend.name} keeps no allocator peak here: calibrated with live tensor bytes (driver memory not seen)"
-        )
-    return MeasuredStep(tracker.peak_bytes, "live tensor bytes", tracker.peak_bytes, None, notes)
 
 
 # ---- the fallback: real steps at short lengths, extrapolated --------------------------------------------------------
@@ -725,59 +426,13 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-# ---- the longest length that fits -----------------------------------------------------------------------------------
-
-
-def longest_fitting(
-    predict: Callable[[int], int], budget: int, ceiling: int, known: dict[int, int]
-) -> tuple[int | None, str | None]:
-    """The longest multiple of SEQ_LEN_STEP up to `ceiling` whose prediction fits `budget` (peaks grow with length).
-
-    Known predictions bracket it first; then a false-position search (interpolating between the bracket's ends,
-    Illinois-style, with bisection when it stalls) takes a few more predictions. Returns (length, note or None).
-    """
-    top = max(1, ceiling // SEQ_LEN_STEP)
-    values: dict[int, int] = {}
-    for seq_len, peak in known.items():
-        if seq_len % SEQ_LEN_STEP == 0 and seq_len <= top * SEQ_LEN_STEP:
-            values[seq_len // SEQ_LEN_STEP] = peak
-    evaluations = 0
-
-    def value(k: int) -> int:
-        nonlocal evaluations
-        if k not in values:
-            evaluations += 1
-            values[k] = predict(k * SEQ_LEN_STEP)
-        return values[k]
-
-    fitting = [k for k, v in values.items() if v <= budget]
-    failing = [k for k, v in values.items() if v > budget]
-    lo = max(fitting, default=0)
-    hi = min((k for k in failing if k > lo), default=None)
-    if hi is None:
-        if value(top) <= budget:
-            return top * SEQ_LEN_STEP, None
-        hi = top
-    if lo == 0 and value(1) > budget:
-        return None, None
-    lo = max(lo, 1)
-    while hi - lo > 1:
-        if evaluations >= MAX_SEARCH_STEPS:
-            return lo * SEQ_LEN_STEP, (
-                f"longest_seq_len: search stopped after {evaluations} predictions; the answer lies between "
-                f"{lo * SEQ_LEN_STEP} (fits) and {hi * SEQ_LEN_STEP} (does not)"
-            )
-        below, above = budget - value(lo), value(hi) - budget  # below >= 0, above > 0
-        k = min(hi - 1, max(lo + 1, math.floor(lo + (hi - lo) * below / (below + above))))
-        if value(k) <= budget:  # the crossing is above k: is it right there?
-            lo = k
-            if hi - lo > 1 and value(k + 1) > budget:
-                hi = k + 1
-        else:
-            hi = k
-            if hi - lo > 1 and value(k - 1) <= budget:
-                lo = k - 1
-    return lo * SEQ_LEN_STEP, None
-
-
-__all__ = ["DEFAULT_SEQ_LENS", "Forecast", "MeasuredStep", "forecast", "measure_step", "token_for"]
+__all__ = [
+    "DEFAULT_SEQ_LENS",
+    "MAX_SEARCH_STEPS",
+    "Forecast",
+    "MeasuredStep",
+    "forecast",
+    "longest_fitting",
+    "measure_step",
+    "token_for",
+]

@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from .. import backends
-from .snapshots import MiB
+from ..constants import MiB
 
 
 class CannotCapWarning(UserWarning):

@@ -10,8 +10,9 @@ import torch
 from transformers.trainer_callback import TrainerCallback
 
 from .. import backends
-from . import snapshots as memory
-from .snapshots import MemorySnapshot, MiB
+from ..constants import MiB
+from . import snapshots
+from .snapshots import MemorySnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class MemoryMonitor(TrainerCallback):
     def sample(self) -> MemorySnapshot:
         """Take a snapshot now: record it, warn if unified memory is low, release the cache if the rule says so."""
         target = self.target
-        snap = memory.take(target)
+        snap = snapshots.take(target)
         self.snapshots.append(snap)
         self.steps.append(self._step)
         self._check_low_memory(snap)

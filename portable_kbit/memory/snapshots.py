@@ -1,4 +1,4 @@
-"""Memory measurement in one place: the backend's allocator numbers plus psutil's view of the host."""
+"""Memory at one moment (MemorySnapshot): the backend's allocator numbers plus psutil's view of the host."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import torch
 
 from .. import backends
 from ..backends import Target
-
-MiB = 1 << 20
-GiB = 1 << 30
+from ..constants import GiB, MiB
 
 
 def human_bytes(value: float) -> str:

@@ -16,7 +16,6 @@ expanded (transformers' ``repeat_kv``) and transformers' function runs without `
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,15 +23,16 @@ from torch import nn
 
 from .. import backends
 from ..backends import Backend
+from ..constants import MISSING
 from ..model.hf import call
 from .dtype_flow import FP32_FLOWS
+from .protocol import Patch
 
 #: our name in transformers' attention registries (and the models' ``config._attn_implementation`` once switched)
 ATTENTION_NAME = "portable_kbit_sdpa"
 #: the ``activations`` modes whose hidden states reach attention in fp32: those whose adapted layers compute in fp32
 FP32_ATTENTION_MODES: tuple[str, ...] = FP32_FLOWS
 
-_MISSING = object()
 # set_attn_implementation writes these on configs (the second only transformers 4.x, on sub-model configs)
 _CONFIG_ATTRIBUTES = ("_attn_implementation_internal", "_attn_was_changed")
 
@@ -157,13 +157,13 @@ class ConfigSnapshot:
     @classmethod
     def take(cls, model: nn.Module) -> ConfigSnapshot:
         return cls(
-            [(c, {a: c.__dict__.get(a, _MISSING) for a in _CONFIG_ATTRIBUTES}) for c in attention_configs(model)]
+            [(c, {a: c.__dict__.get(a, MISSING) for a in _CONFIG_ATTRIBUTES}) for c in attention_configs(model)]
         )
 
     def restore(self) -> None:
         for config, attributes in self.values:
             for name, value in attributes.items():
-                if value is _MISSING:
+                if value is MISSING:
                     config.__dict__.pop(name, None)
                 else:
                     config.__dict__[name] = value
@@ -174,44 +174,44 @@ class ConfigSnapshot:
     def top(self) -> Any:
         """The implementation recorded for the first (the top model's) config."""
         value = self.values[0][1]["_attn_implementation_internal"] if self.values else None
-        return None if value is _MISSING else value
+        return None if value is MISSING else value
 
 
-class AttentionSwitch:
-    """A removable handle: our attention implementation on a transformers model. ``remove()`` puts back the
-    implementation the model had before our first install, unless a later prepare() took the switch over
-    (``superseded``) or something else has changed the implementation since."""
+class AttentionImplementation(Patch):
+    """Our attention implementation on a transformers model, as a patch: ``remove()`` puts back the implementation
+    the model had, unless something else has changed it since (the user's later choice stands)."""
 
-    def __init__(self, model: nn.Module, original: ConfigSnapshot) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.original = original
-        self.superseded = False
+        self.original = ConfigSnapshot([])
+
+    def apply(self) -> None:
+        before = ConfigSnapshot.take(self.model)
+        # ours without a patch of ours (a copy of a prepared model): it stood for transformers' sdpa
+        self.original = ConfigSnapshot([(c, _ours_as_sdpa(v)) for c, v in before.values])
+        register()
+        call(self.model, "set_attn_implementation", ATTENTION_NAME)
+        if not self.is_live():
+            before.restore()
 
     def is_live(self) -> bool:
         configs = self.original.configs()
-        return not self.superseded and bool(configs) and all(c._attn_implementation == ATTENTION_NAME for c in configs)
+        return bool(configs) and all(c._attn_implementation == ATTENTION_NAME for c in configs)
 
     def remove(self) -> None:
         if self.is_live():
             self.original.restore()
-        self.superseded = True
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionChoice:
-    """What prepare() did to the model's attention: the implementation after the call and why."""
+    """What prepare() does to the model's attention: the implementation after the call, why, and the patch that
+    switches it (None: left as it is)."""
 
     implementation: str | None
     reason: str
-    switch: AttentionSwitch | None = None
+    patch: AttentionImplementation | None = None
     note: str | None = None  # for the report's notes: a model left as it was although its attention is fp32
-
-
-def _live_switch(model: nn.Module, previous_handles: list) -> AttentionSwitch | None:
-    for handle in previous_handles:
-        if isinstance(handle, AttentionSwitch) and handle.model is model and handle.is_live():
-            return handle
-    return None
 
 
 def _left_alone(implementation: Any, fp32_reason: str) -> tuple[str, str]:
@@ -234,29 +234,19 @@ def _ours_as_sdpa(attributes: dict[str, Any]) -> dict[str, Any]:
     return attributes
 
 
-def install(
-    model: nn.Module,
-    backend: Backend,
-    fp32_reason: str | None,
-    previous_handles: list,
-    on_undo: Callable[[Callable[[], object]], None],
-) -> AttentionChoice:
-    """Switch a transformers model (a PeftModel's base model) to ATTENTION_NAME where its attention is transformers'
-    sdpa and q/k/v will be fp32 (``fp32_reason``); a repeat takes over the last call's switch instead of stacking.
-
-    ``on_undo`` gets a step that puts back exactly the state before this call (a failed prepare()). Returns what was
-    done; its ``switch`` is the handle to keep with the call's hooks.
-    """
-    prior = _live_switch(model, previous_handles)
+def choose(model: nn.Module, backend: Backend, fp32_reason: str | None, replaced: bool = False) -> AttentionChoice:
+    """What to do with a transformers model's attention (a PeftModel's base model): our implementation where its
+    attention is transformers' sdpa and q/k/v will be fp32 (``fp32_reason``); else it is left as it is.
+    `replaced`: the last prepare()'s switch was just removed (the reason says so). Changes nothing: the choice's
+    patch does, once applied."""
     configs = attention_configs(model)
     implementations = [c._attn_implementation for c in configs]
     current = implementations[0] if implementations else None
     if fp32_reason is None:
-        after = prior.original.top() if prior is not None else current
         reason = "q/k/v keep the model's dtype: transformers' attention as it is"
-        if prior is not None:
-            reason += f" (the fp32 attention of the last prepare() is removed: back to {after!r})"
-        return AttentionChoice(after, reason)
+        if replaced:
+            reason += f" (the fp32 attention of the last prepare() is removed: back to {current!r})"
+        return AttentionChoice(current, reason)
     if not configs or not hasattr(model, "set_attn_implementation"):
         return AttentionChoice(current, f"{fp32_reason}; not a transformers model: attention left as it is")
     if any(i not in ("sdpa", ATTENTION_NAME) for i in implementations):
@@ -267,20 +257,11 @@ def install(
     if current != ATTENTION_NAME and can_switch is not None and not can_switch():
         reason = f"{type(model).__name__} cannot switch its attention implementation: sdpa left as it is"
         return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
+    return AttentionChoice(ATTENTION_NAME, f"{fp32_reason}; {backend.fp32_attention}", AttentionImplementation(model))
 
-    before = ConfigSnapshot.take(model)
-    on_undo(before.restore)
-    if prior is not None:
-        original = prior.original
-        prior.superseded = True
-        on_undo(lambda: setattr(prior, "superseded", False))
-    else:  # ours without a live switch (a copied model, say): it stood for transformers' sdpa
-        original = ConfigSnapshot([(c, _ours_as_sdpa(v)) for c, v in before.values])
-    register()
-    call(model, "set_attn_implementation", ATTENTION_NAME)
-    switch = AttentionSwitch(model, original)
-    if not switch.is_live():
-        before.restore()
-        reason = f"{type(model).__name__} did not take the attention implementation {ATTENTION_NAME!r}: left as it was"
-        return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
-    return AttentionChoice(ATTENTION_NAME, f"{fp32_reason}; {backend.fp32_attention}", switch)
+
+def refused(model: nn.Module, fp32_reason: str) -> AttentionChoice:
+    """The choice once its patch was applied and the model did not take our implementation (left as it was)."""
+    current = next((c._attn_implementation for c in attention_configs(model)), None)
+    reason = f"{type(model).__name__} did not take the attention implementation {ATTENTION_NAME!r}: left as it was"
+    return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")

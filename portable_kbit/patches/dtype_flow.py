@@ -1,4 +1,4 @@
-"""Forward hooks that keep dtypes consistent once some norms are fp32.
+"""The dtype flow: the patches that keep dtypes consistent once some norms compute in fp32.
 
 Two rules, both explicit rather than left to dtype promotion inside each architecture's norm:
 - an upcast norm computes in its (fp32) weight dtype and hands on fp32 ("fp32" activations, peft's numerics) or its
@@ -11,10 +11,8 @@ Two rules, both explicit rather than left to dtype promotion inside each archite
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -22,28 +20,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D  # GPT-2 style transposed linear
 
-from ..model.hf import weight_of
+from ..constants import HALF_DTYPES
 from ..model.quantized import handles_its_own_input_dtype, quantization_kind
+from .arguments import first_tensor, replace_first
+from .fp32_compute import computes_in_fp32, fp32_compute_forward, fp32_linear_forward
+from .layer_mode import block_in_fp32, block_output_to
+from .protocol import Forward, Hook, InstanceForward, Patch
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)
 FP32_FLOWS = ("fp32", "layer")
 
 STRICT_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, Conv1D)
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
-def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tensor
-    return type(value)((tensor, *value[1:])) if isinstance(value, tuple) else [tensor, *value[1:]]
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype | None:
@@ -118,7 +105,7 @@ def _fallback_forward(module: nn.Module) -> Callable[[Forward], Forward]:
                     return call_previous(*args, **kwargs)
                 except RuntimeError as error:
                     dtype = _common_dtype(_own_matrices(module))
-                    x = _first_tensor(args)
+                    x = first_tensor(args)
                     if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
                         raise
                     if not any(phrase in str(error) for phrase in DTYPE_MISMATCH):
@@ -130,12 +117,12 @@ def _fallback_forward(module: nn.Module) -> Callable[[Forward], Forward]:
                         stacklevel=2,
                     )
             dtype = _common_dtype(_own_matrices(module))
-            x = _first_tensor(args)
+            x = first_tensor(args)
             if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
                 return call_previous(*args, **kwargs)
-            output = call_previous(*_replace_first(args, x.to(dtype)), **kwargs)
-            y = _first_tensor(output)
-            return _replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
+            output = call_previous(*replace_first(args, x.to(dtype)), **kwargs)
+            y = first_tensor(output)
+            return replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
 
         return forward
 
@@ -178,17 +165,17 @@ class UpcastNormFlow:
         self.compute_dtype = compute_dtype
 
     def before(self, module: nn.Module, args: tuple) -> tuple | None:
-        x = _first_tensor(args)
+        x = first_tensor(args)
         dtype = self.compute_dtype or _weight_dtype(module)
         if x is None or dtype is None or not x.is_floating_point() or x.dtype == dtype:
             return None
-        return _replace_first(args, x.to(dtype))
+        return replace_first(args, x.to(dtype))
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        y = _first_tensor(output)
+        y = first_tensor(output)
         if y is None or not y.is_floating_point() or y.dtype == self.flow_dtype:
             return None
-        return _replace_first(output, y.to(self.flow_dtype))
+        return replace_first(output, y.to(self.flow_dtype))
 
 
 def _consumer_dtype(module: nn.Module) -> torch.dtype | None:
@@ -209,7 +196,7 @@ class InputDtypeGuard:
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         dtype = _consumer_dtype(module)
-        x = _first_tensor(args)
+        x = first_tensor(args)
         key = None
         if x is None and not args:
             key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
@@ -220,14 +207,14 @@ class InputDtypeGuard:
         self.pending.append(x.dtype)
         if key is not None:
             return args, {**kwargs, key: x.to(dtype)}
-        return _replace_first(args, x.to(dtype)), kwargs
+        return replace_first(args, x.to(dtype)), kwargs
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> Any:
         caller_dtype = self.pending.pop() if self.pending else None
-        y = _first_tensor(output)
+        y = first_tensor(output)
         if caller_dtype is None or y is None or not y.is_floating_point():
             return None
-        return _replace_first(output, y.to(caller_dtype))
+        return replace_first(output, y.to(caller_dtype))
 
 
 def is_strict_consumer(module: nn.Module) -> bool:
@@ -239,294 +226,8 @@ def is_strict_consumer(module: nn.Module) -> bool:
     return _consumer_dtype(module) is not None
 
 
-class FrozenLinearInFp32(torch.autograd.Function):
-    """y = x W^T + b in fp32 for a frozen fp16/bf16 W without an fp32 copy of W: the weight is upcast one block of
-    rows at a time, in the forward and again in the backward (only the half-precision parameter is saved)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.rows = rows
-        out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-        if x.numel() == 0:  # no tokens (the stand-in call of token blocks): no weight block to upcast
-            return out
-        for start in range(0, weight.shape[0], rows):
-            out[..., start : start + rows] = torch.nn.functional.linear(x, weight[start : start + rows].float())
-        if bias is not None:
-            out += bias.float()
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros(*grad_out.shape[:-1], weight.shape[1], dtype=torch.float32, device=grad_out.device)
-            for start in range(0, weight.shape[0], ctx.rows):
-                grad_x += grad_out[..., start : start + ctx.rows] @ weight[start : start + ctx.rows].float()
-        return grad_x, None, None, None
-
-
-Forward = Callable[..., Any]
-
-
-def _override_of(forward: Forward | None) -> ForwardOverride | None:
-    handle = getattr(forward, "override", None)
-    return handle if isinstance(handle, ForwardOverride) else None
-
-
-def _class_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return type(module).forward(module, *args, **kwargs)
-
-
-class ForwardOverride:
-    """An instance-level forward (a removable handle, like a hook's): removing it restores what was there before.
-
-    `make_forward(call_previous)` builds the new forward around the one it replaces: an instance forward that was
-    there (accelerate's device hooks, another override of this call), else the class's. An override of an earlier
-    prepare() that this call supersedes (`superseded`) is skipped: the new one wraps what that one wrapped.
-    """
-
-    def __init__(self, module: nn.Module, make_forward: Callable[[Forward], Forward]) -> None:
-        self.module = module
-        self.superseded = False
-        self._make_forward = make_forward
-        current = module.__dict__.get("forward")
-        while (older := _override_of(current)) is not None and older.superseded:
-            current = older.previous
-        self._wrap(current)
-
-    def _wrap(self, current: Forward | None) -> None:
-        self.previous: Forward | None = current
-        # the class's forward looked up at call time: FSDP2's fully_shard swaps the module's class after prepare()
-        # (and transformers' checkpointing wrapper checkpoints only when it is the class's own forward)
-        call_previous = current if current is not None else functools.partial(_class_forward, self.module)
-        forward = self._make_forward(call_previous)
-        forward.override = self  # type: ignore[attr-defined]  # a function attribute: finds this handle again
-        self.forward = forward
-        self.module.__dict__["forward"] = forward
-
-    def rewrap(self) -> None:
-        """Wrap what stands there now: something outside replaced the instance forward (transformers' kernelize)."""
-        self._wrap(self.module.__dict__.get("forward"))
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is not self.forward:
-            return  # a later override replaced this one and restores the original itself
-        if self.previous is None:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.__dict__["forward"] = self.previous
-
-
-def rewrap_replaced(overrides: Sequence[ForwardOverride]) -> None:
-    """Put back the overrides whose module's forward was replaced from outside, in the order they were made (one
-    wrapping another stays so); a module whose newest override still stands is left alone."""
-    by_module: dict[nn.Module, list[ForwardOverride]] = {}
-    for override in overrides:
-        by_module.setdefault(override.module, []).append(override)
-    for module, stack in by_module.items():
-        if module.__dict__.get("forward") is not stack[-1].forward:
-            for override in stack:
-                override.rewrap()
-
-
-_MISSING = object()
-
-
-class AttributeOverride:
-    """An instance attribute set by prepare() (the model's loss_function, set_use_kernels), as a removable handle:
-    removing it restores what was there before, unless a later prepare() replaced it (that one restores the original
-    itself). `value` must take attributes: it is given `replaced`, what it replaced."""
-
-    def __init__(self, obj: nn.Module, attribute: str, value: Any) -> None:
-        self.obj, self.attribute, self.value = obj, attribute, value
-        current = obj.__dict__.get(attribute, _MISSING)
-        self.previous = getattr(current, "replaced", current)
-        value.replaced = self.previous
-        obj.__dict__[attribute] = value
-
-    def remove(self) -> None:
-        if self.obj.__dict__.get(self.attribute, _MISSING) is not self.value:
-            return
-        if self.previous is _MISSING:
-            self.obj.__dict__.pop(self.attribute, None)
-        else:
-            self.obj.__dict__[self.attribute] = self.previous
-
-
-def computes_in_fp32(module: nn.Module) -> bool:
-    """A plain nn.Linear with a frozen half-precision weight (lm_head): it can take fp32 in and give fp32 out."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).forward is nn.Linear.forward
-        and isinstance(weight, torch.Tensor)
-        and type(weight) in (nn.Parameter, torch.Tensor)
-        and weight.dtype in (torch.float16, torch.bfloat16)
-        and not weight.requires_grad
-    )
-
-
-def _fp32_linear_forward(module: nn.Module, chunk_bytes: int, cast_input: bool) -> Callable[[Forward], Forward]:
-    """lm_head in fp32 from its half-precision weight; `cast_input`: a half-precision input is computed in fp32 too
-    ("layer" mode, whose stream between blocks is half precision), giving fp32 logits as in "fp32" mode."""
-
-    def make(call_previous: Forward) -> Forward:
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            weight = weight_of(module)
-            if cast_input and x.dtype in HALF_DTYPES:
-                x = x.float()
-            if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
-                rows = max(1, chunk_bytes // (4 * weight.shape[1]))
-                return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows)
-            if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight dtype
-                return call_previous(x.to(weight.dtype), *args, **kwargs).to(x.dtype)
-            return call_previous(x, *args, **kwargs)
-
-        return forward
-
-    return make
-
-
-@contextlib.contextmanager
-def parameters_in_fp32(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """For the duration of one call, the module's half-precision tensors `names` read as fp32 copies.
-
-    A bf16/fp16 value is exact in fp32, so the norm computes exactly as with an fp32 parameter, without one: no new
-    bytes between calls and no dtype change that a wrapper (FSDP), a checkpoint or an optimizer can see. Each name is
-    swapped where attribute lookup finds it: the instance `__dict__` first (FSDP1 sets the unsharded views there
-    during forward, keeping the sharded parameter in `_parameters`), else `_parameters`.
-    """
-    swapped: list[tuple[dict, str, torch.Tensor]] = []
-    try:
-        for name in names:
-            stores: tuple[dict[str, Any], ...] = (module.__dict__, module._parameters)
-            for store in stores:
-                value = store.get(name)
-                if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
-                    store[name] = value.float()
-                    swapped.append((store, name, value))
-                    break
-        yield
-    finally:
-        for store, name, value in reversed(swapped):
-            store[name] = value
-
-
-def _fp32_compute_forward(module: nn.Module) -> Callable[[Forward], Forward]:
-    names = [name for name, p in module._parameters.items() if p is not None and p.is_floating_point()]
-
-    def make(call_previous: Forward) -> Forward:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            with parameters_in_fp32(module, names):
-                return call_previous(*args, **kwargs)
-
-        return forward
-
-    return make
-
-
-def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of "layer" mode: transformers' gradient-checkpointed layers (the decoder layers); for a model without
-    that class, the modules of its longest nn.ModuleList (the layer stack)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers: list[nn.Module] = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    except ImportError:  # transformers before the class existed
-        layers = []
-    if layers:
-        return layers
-    longest: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(longest):
-            longest = list(module)
-    return longest
-
-
-def _half_to_fp32(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in HALF_DTYPES else value
-    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_half_to_fp32(v) for v in value)
-    return value
-
-
-def _in_fp32(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    return tuple(_half_to_fp32(a) for a in args), {k: _half_to_fp32(v) for k, v in kwargs.items()}
-
-
-def _checkpoints_its_forward(block: nn.Module) -> bool:
-    """Whether this call of a transformers layer will checkpoint its class forward rather than its __call__.
-
-    transformers' GradientCheckpointingLayer checkpointed ``__call__`` (hooks and an instance forward inside the
-    checkpoint) until it moved to wrapping the class's ``forward`` (module hooks and instance forwards stay outside, so
-    that FSDP2's do not run twice); the wrapper checkpoints when these flags hold."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return False
-    if not isinstance(block, GradientCheckpointingLayer) or "__call__" in GradientCheckpointingLayer.__dict__:
-        return False
-    return bool(getattr(block, "gradient_checkpointing", False)) and block.training and torch.is_grad_enabled()
-
-
-def _checkpoint_in_fp32(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
-    """A checkpoint function whose checkpointed call gets its half-precision inputs in fp32: the cast runs inside
-    the checkpoint (in the forward and again in the recompute), so the checkpoint keeps the half-precision input."""
-
-    def checkpoint_in_fp32(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        def run(*inputs: Any) -> Any:
-            if isinstance(function, functools.partial):
-                bound, keywords = _in_fp32(function.args, function.keywords)
-                return function.func(*bound, *_in_fp32(inputs, {})[0], **keywords)
-            return function(*_in_fp32(inputs, {})[0])
-
-        return checkpoint(run, *args, **kwargs)
-
-    return checkpoint_in_fp32
-
-
-def _block_in_fp32(block: nn.Module) -> Callable[[Forward], Forward]:
-    """ "layer" mode: a block computes as in "fp32" mode. Its half-precision inputs (the hidden states, and what the
-    model computed once for every layer in its dtype: an additive attention mask, ALiBi biases, rotary cos/sin) are
-    cast to fp32 where its computation starts, inside its gradient checkpoint, so that the checkpoint keeps the
-    half-precision input (the point of this mode) and no op in the block meets two dtypes (a post-norm block feeds
-    its input straight to attention; some blocks mix their input with fp32 results in a matmul)."""
-
-    def make(call_previous: Forward) -> Forward:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            checkpoint = block.__dict__.get("_gradient_checkpointing_func")
-            if checkpoint is not None and _checkpoints_its_forward(block):
-                block.__dict__["_gradient_checkpointing_func"] = _checkpoint_in_fp32(checkpoint)
-                try:
-                    return call_previous(*args, **kwargs)
-                finally:
-                    block.__dict__["_gradient_checkpointing_func"] = checkpoint
-            args, kwargs = _in_fp32(args, kwargs)
-            return call_previous(*args, **kwargs)
-
-        return forward
-
-    return make
-
-
-def _block_output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        y = _first_tensor(output)
-        if y is None or y.dtype != torch.float32:
-            return None
-        return _replace_first(output, y.to(dtype))
-
-    return hook
-
-
 def _embedding_output_to_fp32(module: nn.Module, args: tuple, output: Any) -> Any:
-    return (
-        output.float()
-        if isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
-        else None
-    )
+    return output.float() if isinstance(output, torch.Tensor) and output.dtype in HALF_DTYPES else None
 
 
 def install(
@@ -538,8 +239,8 @@ def install(
     compute_norms: Sequence[nn.Module] = (),
     blocks: Sequence[nn.Module] = (),
     fallback_consumers: Sequence[nn.Module] = (),
-) -> list:
-    """Register the hooks; returns their handles (removing them, newest first, restores the original forwards).
+) -> list[Patch]:
+    """The dtype flow's patches, in the order to apply them (removed newest first, they restore the originals).
 
     Norms in `compute_norms` compute in fp32 at call time from their half-precision parameters. With "fp32"
     activations the embedding output is fp32 too (as with peft, whose embedding weight is fp32: the residual stream
@@ -549,7 +250,7 @@ def install(
     and the checkpointed block inputs stay half precision (each block computes as in "fp32" mode: its inputs are cast
     to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode.
     """
-    handles: list = []
+    patches: list[Patch] = []
     fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
     compute = {id(m) for m in compute_norms}
     # "layer": fp32 only inside the blocks; a norm outside every block (a cross-attention's, the final one) hands on
@@ -559,26 +260,24 @@ def install(
         in_fp32 = id(norm) in compute
         hands_fp32 = fp32_inside and (in_blocks is None or id(norm) in in_blocks)
         flow = UpcastNormFlow(torch.float32 if hands_fp32 else original_dtype, torch.float32 if in_fp32 else None)
-        handles.append(norm.register_forward_pre_hook(flow.before))
-        handles.append(norm.register_forward_hook(flow.after))
+        patches += [Hook(norm, flow.before, pre=True), Hook(norm, flow.after, pre=False)]
         if in_fp32:
-            handles.append(ForwardOverride(norm, _fp32_compute_forward(norm)))
+            patches.append(InstanceForward(norm, fp32_compute_forward(norm)))
     if fp32_inside and activations == "fp32" and input_embeddings is not None:
-        handles.append(input_embeddings.register_forward_hook(_embedding_output_to_fp32))
+        patches.append(Hook(input_embeddings, _embedding_output_to_fp32, pre=False))
     if fp32_inside and activations == "layer":
         native = next(iter(upcast_norms.values()))
         for block in blocks:
-            handles.append(ForwardOverride(block, _block_in_fp32(block)))
-            handles.append(block.register_forward_hook(_block_output_to(native)))
+            patches += [InstanceForward(block, block_in_fp32(block)), Hook(block, block_output_to(native), pre=False)]
     for module in consumers:
         if fp32_inside and computes_in_fp32(module):
             cast_input = activations == "layer"
-            handles.append(ForwardOverride(module, _fp32_linear_forward(module, chunk_bytes, cast_input)))
+            patches.append(InstanceForward(module, fp32_linear_forward(module, chunk_bytes, cast_input)))
             continue
         guard = InputDtypeGuard()
-        handles.append(module.register_forward_pre_hook(guard.before, with_kwargs=True))
-        handles.append(module.register_forward_hook(guard.after))
+        patches.append(Hook(module, guard.before, pre=True, with_kwargs=True))
+        patches.append(Hook(module, guard.after, pre=False))
     if fp32_inside:
         for module in fallback_consumers:
-            handles.append(ForwardOverride(module, _fallback_forward(module)))
-    return handles
+            patches.append(InstanceForward(module, _fallback_forward(module)))
+    return patches

@@ -15,38 +15,54 @@ called directly on the model is not seen: prepare() again after it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from .dtype_flow import AttributeOverride, ForwardOverride, rewrap_replaced
+from .protocol import InstanceAttribute, InstanceForward
 
 KERNELIZING_METHODS = ("set_use_kernels", "reset_kernels")
 
 
-def follow_kernelization(hf_model: nn.Module, overrides: Sequence[ForwardOverride]) -> list[AttributeOverride]:
-    """Instance wrappers of the model's kernelizing methods (those its class has) that keep `overrides` in place;
-    removable handles. Empty where there is nothing to keep or the transformers version does not kernelize."""
-    if not overrides:
+def follow_kernelization(hf_model: nn.Module, forwards: Sequence[InstanceForward]) -> list[InstanceAttribute]:
+    """Instance wrappers of the model's kernelizing methods (those its class has) that keep `forwards` in place, as
+    patches to apply. None where there is nothing to keep or the transformers version does not kernelize."""
+    if not forwards:
         return []
-    kept = list(overrides)
-    handles = []
-    for name in KERNELIZING_METHODS:
-        if callable(getattr(type(hf_model), name, None)):
-            handles.append(AttributeOverride(hf_model, name, _keeping(hf_model, name, kept)))
-    return handles
+    kept = list(forwards)
+    return [
+        _rewrapping(hf_model, name, kept)
+        for name in KERNELIZING_METHODS
+        if callable(getattr(type(hf_model), name, None))
+    ]
 
 
-def _keeping(hf_model: nn.Module, name: str, overrides: list[ForwardOverride]) -> Callable[..., Any]:
+def _rewrapping(hf_model: nn.Module, name: str, forwards: list[InstanceForward]) -> InstanceAttribute:
+    """The method `name` as an instance attribute: what it replaced (an instance method), else the class's, looked up
+    at call time (a wrapper may swap the class), then `forwards` put back around whatever it left."""
+    patch = InstanceAttribute(hf_model, name, None)
+
     @functools.wraps(getattr(type(hf_model), name))
     def method(*args: Any, **kwargs: Any) -> Any:
-        replaced = getattr(method, "replaced", None)  # set by AttributeOverride: an instance method it wraps
-        # else the class's, looked up at call time (as ForwardOverride's: a wrapper may swap the class)
+        replaced = patch.previous
         original = replaced if callable(replaced) else functools.partial(getattr(type(hf_model), name), hf_model)
         try:
             return original(*args, **kwargs)
         finally:  # a kernelization that failed halfway may have replaced some forwards already
-            rewrap_replaced(overrides)
+            rewrap_replaced(forwards)
 
-    return method
+    patch.value = method
+    return patch
+
+
+def rewrap_replaced(forwards: Sequence[InstanceForward]) -> None:
+    """Put back the forwards whose module's instance forward was replaced from outside, in the order they were
+    applied (one wrapping another stays so); a module whose newest one still stands is left alone."""
+    by_module: dict[nn.Module, list[InstanceForward]] = {}
+    for forward in forwards:
+        by_module.setdefault(forward.module, []).append(forward)
+    for stack in by_module.values():
+        if not stack[-1].is_live():
+            for forward in stack:
+                forward.apply()  # wraps what stands there now

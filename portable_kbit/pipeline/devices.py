@@ -14,8 +14,7 @@ import torch
 
 from ..backends import Target
 from ..errors import MemoryPressureError
-from ..memory import snapshots as memory
-from ..memory.snapshots import MemorySnapshot
+from ..memory.snapshots import MemorySnapshot, peak_of, take
 from .cast import chunked, required_bytes
 from .plan import ParamCast
 from .report import DeviceMemory
@@ -47,11 +46,11 @@ def device_targets(target: Target, devices: list[torch.device], move_to: torch.d
 
 def measure_before(targets: list[Target]) -> list[MemorySnapshot]:
     """A fresh peak window and a snapshot on each device, before anything is planned or changed."""
-    snapshots = []
+    befores = []
     for target in targets:
         target.backend.reset_peak(target.device)
-        snapshots.append(memory.take(target))
-    return snapshots
+        befores.append(take(target))
+    return befores
 
 
 def chunk_budget(target: Target, before: MemorySnapshot, chunk_bytes: int | None) -> tuple[int, str]:
@@ -123,11 +122,11 @@ def measure_after(shares: list[DeviceShare]) -> dict[str, DeviceMemory]:
     """Each device's memory before, after and at its peak (the allocator's own where it keeps one, else polled)."""
     out = {}
     for share in shares:
-        after = memory.take(share.target)
+        after = take(share.target)
         out[share.device] = DeviceMemory(
             before=share.before,
             after=after,
-            peak=memory.peak_of(share.before, [*share.samples, after]),
+            peak=peak_of(share.before, [*share.samples, after]),
             required_bytes=share.required,
             chunk_bytes=share.chunk_bytes,
             chunks=len(share.chunks),

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import backends
-from .prepare import check_options, prepare, report
+from .checks import check_options
+from .prepare import prepare, report
 
 ENV_SWITCH = "PORTABLE_KBIT_PATCH_PEFT"
 SWITCH_ON = ("1", "true", "yes", "on")

@@ -6,7 +6,9 @@ import dataclasses
 import json
 from typing import Any
 
-from ..memory.snapshots import MemorySnapshot, MiB
+from ..constants import MiB
+from ..memory.snapshots import MemorySnapshot
+from ..patches.token_blocks.counts import BlockedCalls
 
 
 def _delta(after: int | None, before: int | None) -> int | None:
@@ -88,6 +90,8 @@ class PrepReport:
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
     blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
     not_blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # module (or layer pattern) -> why not
+    # live: how the calls since prepare() ran, per part, blocked or whole with the reason (None: no token blocks)
+    token_block_calls: BlockedCalls | None = None
     devices: dict[str, DeviceMemory] = dataclasses.field(default_factory=dict)
 
     @property
@@ -119,6 +123,7 @@ class PrepReport:
         for name in ("before", "after", "peak"):
             out[name] = getattr(self, name).to_dict()
         out["devices"] = {device: memory.to_dict() for device, memory in self.devices.items()}
+        out["token_block_calls"] = self.token_block_calls.to_dict() if self.token_block_calls is not None else None
         out["deltas"] = {
             "allocated": self.allocated_delta,
             "reserved": self.reserved_delta,
@@ -158,6 +163,8 @@ class PrepReport:
                 f"{len(self.blocked_mlps)} MLPs"
             )
             lines += [f"  not blocked: {name}: {why}" for name, why in self.not_blocked.items()]
+            if self.token_block_calls is not None:
+                lines += [f"  since prepare(): {line}" for line in self.token_block_calls.lines()]
         if len(self.devices) > 1:
             lines += [
                 f"  {device}: allocated {mib(share.allocated_delta)}, peak allocated "

@@ -1,4 +1,11 @@
-"""Undo log for prepare(): a failure after the first change leaves the model exactly as it was."""
+"""prepare()'s transaction: a failure after the first change leaves the model exactly as it was.
+
+What a call changes, and what undoes it, newest first: this call's patches (the patch set, removed), the casts (the
+cast journal, downcast in place), a move to the device (moved back), everything else on the modules and their
+configs (a snapshot taken on entry: transformers' gradient checkpointing and input-gradient hook, training flags,
+the attention implementation, and the last call's patches, which a repeat call removed first), and the
+``requires_grad`` flags the freeze changed.
+"""
 
 from __future__ import annotations
 
@@ -8,52 +15,38 @@ from typing import Literal
 from torch import nn
 
 from ..model.index import ModelIndex
-from ..patches.hub_kernels import KERNELIZING_METHODS
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-# instance attributes prepare() may set: transformers' input-gradient hooks, our fp32 forward for lm_head and the
-# blocked MLP forwards, the blocked loss_function (token blocks), the wrappers that follow a kernelization
-RESTORED_ATTRIBUTES = (
-    "_require_grads_hook",
-    "_require_grads_hooks",
-    "forward",
-    "_loss_function",
-    *KERNELIZING_METHODS,
-)
-
-_MISSING = object()
+from ..model.state import ModelState
+from ..patches.protocol import PatchSet
+from .cast import CastJournal
 
 
 class Transaction:
-    """Records undo steps; on an exception inside `with`, runs them newest first and re-raises with a note."""
+    """prepare()'s changes, recorded as they are made; on an exception inside ``with``, undone, and the exception
+    re-raised with a note that says so."""
 
-    def __init__(self, model: nn.Module, index: ModelIndex | None = None) -> None:
+    def __init__(self, model: nn.Module, index: ModelIndex) -> None:
         self.model = model
-        self.index = index or ModelIndex(model)
+        self.index = index
+        self.journal = CastJournal()
+        self.patches = PatchSet()
         self.undo_steps: list[Callable[[], object]] = []
 
     def on_undo(self, step: Callable[[], object]) -> None:
-        """Run `step` (its result is ignored) if the transaction fails; steps run newest first."""
+        """Run `step` (its result is ignored) if the transaction fails, before the snapshot is put back."""
         self.undo_steps.append(step)
 
     def __enter__(self) -> Transaction:
-        self._remember_hooks_and_flags()
+        self.state = ModelState(self.model)
+        self.requires_grad = {p: p.requires_grad for p in self.index.parameters.values()}
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
         if exc is None:
             return False
+        steps = [self.patches.remove, self.journal.undo, *reversed(self.undo_steps), self.state.restore]
+        steps.append(self._restore_requires_grad)
         failures = []
-        while self.undo_steps:
-            step = self.undo_steps.pop()
+        for step in steps:
             try:
                 step()
             except Exception as undo_error:  # keep undoing: the rest of the model still matters
@@ -65,45 +58,6 @@ class Transaction:
                 exc.add_note("portable_kbit: prepare() failed; the model was restored to its state before the call.")
         return False
 
-    def _remember_hooks_and_flags(self) -> None:
-        # Few objects on purpose: a 7B model has about a thousand modules, and allocating thousands of small sets
-        # here used to trigger a full garbage collection (a fifth of a second) in the middle of prepare().
-        modules = self.index.module_list()
-        hook_keys = {
-            (id(m), name): list(hooks) for m in modules for name in HOOK_DICTS if (hooks := m.__dict__.get(name))
-        }
-        training = {m: m.training for m in modules}
-        attributes = {
-            (m, attr): m.__dict__[attr] for m in modules for attr in RESTORED_ATTRIBUTES if attr in m.__dict__
-        }
-        requires_grad = {p: p.requires_grad for p in self.index.parameters.values()}
-        checkpointing = {m: m.__dict__.get("gradient_checkpointing", _MISSING) for m in modules}
-        checkpoint_funcs = {m: m.__dict__.get("_gradient_checkpointing_func", _MISSING) for m in modules}
-
-        def restore() -> None:
-            for m in modules:
-                for name in HOOK_DICTS:
-                    hooks = m.__dict__.get(name)
-                    if not hooks:
-                        continue
-                    for key in set(hooks.keys()) - set(hook_keys.get((id(m), name), ())):
-                        del hooks[key]
-                for attr in RESTORED_ATTRIBUTES:  # what the call set, removed; what it replaced, put back
-                    _restore_attribute(m, attr, attributes.get((m, attr), _MISSING))
-            for m, flag in training.items():
-                m.training = flag
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-            for m, value in checkpointing.items():
-                _restore_attribute(m, "gradient_checkpointing", value)
-            for m, value in checkpoint_funcs.items():
-                _restore_attribute(m, "_gradient_checkpointing_func", value)
-
-        self.on_undo(restore)
-
-
-def _restore_attribute(module: nn.Module, attr: str, value: object) -> None:
-    if value is _MISSING:
-        module.__dict__.pop(attr, None)
-    else:
-        module.__dict__[attr] = value
+    def _restore_requires_grad(self) -> None:
+        for param, flag in self.requires_grad.items():
+            param.requires_grad_(flag)

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def environment(probe: bool = True) -> dict[str, Any]:
     """What `portable-kbit env` reports, as a dict."""
     from .. import backends
-    from ..memory import snapshots as memory
+    from ..memory import snapshots
     from . import presets
     from . import quantizer_probe as quantizers
 
@@ -191,7 +191,7 @@ def environment(probe: bool = True) -> dict[str, Any]:
             target = backends.resolve(name)
             entry["device"] = str(target.device)
             entry["unified"] = backend.is_unified(target.device)
-            entry["memory"] = memory.take(target).to_dict()
+            entry["memory"] = snapshots.take(target).to_dict()
         listed.append(entry)
     available = [entry for entry in listed if entry["available"]]
     probes = []
@@ -307,7 +307,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     """`portable-kbit compare`: every variant in a fresh process, JSON lines, a table, a plot; internally also one
     variant in this process (--variant) or building a preset (--build-preset)."""
-    from . import compare, presets
+    from . import compare, compare_view, presets
 
     if args.build_preset:
         print(presets.build_preset(args.path_or_preset, args.cache_dir, device=args.device))
@@ -361,9 +361,9 @@ def run_compare(args: argparse.Namespace) -> int:
             out.close()
     if not args.json:
         print()
-        print(compare.table(records))
+        print(compare_view.table(records))
     if args.plot:
-        compare.plot(records, args.plot)
+        compare_view.plot(records, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
     return 0 if records else 1

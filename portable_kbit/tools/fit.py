@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from .. import backends
+from ..constants import GiB, MiB
 from ..memory.forecast import DEFAULT_SEQ_LENS, forecast, measure_step, token_for
 from ..memory.guard import memory_guard
-from ..memory.snapshots import GiB, MiB, human_bytes
+from ..memory.snapshots import human_bytes
 from . import presets, tiny
 from . import quantizer_probe as quantizers
 

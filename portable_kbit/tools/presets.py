@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from .. import backends
-from ..memory import snapshots as memory
-from ..memory.snapshots import MiB
+from ..constants import MiB
+from ..memory import snapshots
 from . import tiny
 
 
@@ -145,7 +145,7 @@ def build_preset(name: str, cache_dir: str | None = None, seed: int = 0, device:
     where = torch.device("cpu")
     if device is not None:
         target = backends.resolve(device)
-        headroom = memory.take(target).headroom
+        headroom = snapshots.take(target).headroom
         if headroom is not None and headroom > 1.25 * PRESETS[name].approx_bytes:
             where = target.device
     with where:

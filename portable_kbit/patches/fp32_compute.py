@@ -1,0 +1,114 @@
+"""fp32 computation from half-precision weights, without fp32 copies of them: a frozen lm_head block by block
+(FrozenLinearInFp32), a norm with its parameters read as fp32 for the duration of one call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..constants import HALF_DTYPES
+from ..model.hf import weight_of
+from .protocol import Forward
+
+
+class FrozenLinearInFp32(torch.autograd.Function):
+    """y = x W^T + b in fp32 for a frozen fp16/bf16 W without an fp32 copy of W: the weight is upcast one block of
+    rows at a time, in the forward and again in the backward (only the half-precision parameter is saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.rows = rows
+        out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+        if x.numel() == 0:  # no tokens (the stand-in call of token blocks): no weight block to upcast
+            return out
+        for start in range(0, weight.shape[0], rows):
+            out[..., start : start + rows] = torch.nn.functional.linear(x, weight[start : start + rows].float())
+        if bias is not None:
+            out += bias.float()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros(*grad_out.shape[:-1], weight.shape[1], dtype=torch.float32, device=grad_out.device)
+            for start in range(0, weight.shape[0], ctx.rows):
+                grad_x += grad_out[..., start : start + ctx.rows] @ weight[start : start + ctx.rows].float()
+        return grad_x, None, None, None
+
+
+def computes_in_fp32(module: nn.Module) -> bool:
+    """A plain nn.Linear with a frozen half-precision weight (lm_head): it can take fp32 in and give fp32 out."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).forward is nn.Linear.forward
+        and isinstance(weight, torch.Tensor)
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and weight.dtype in (torch.float16, torch.bfloat16)
+        and not weight.requires_grad
+    )
+
+
+def fp32_linear_forward(module: nn.Module, chunk_bytes: int, cast_input: bool) -> Callable[[Forward], Forward]:
+    """lm_head in fp32 from its half-precision weight; `cast_input`: a half-precision input is computed in fp32 too
+    ("layer" mode, whose stream between blocks is half precision), giving fp32 logits as in "fp32" mode."""
+
+    def make(call_previous: Forward) -> Forward:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            weight = weight_of(module)
+            if cast_input and x.dtype in HALF_DTYPES:
+                x = x.float()
+            if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
+                rows = max(1, chunk_bytes // (4 * weight.shape[1]))
+                return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows)
+            if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight dtype
+                return call_previous(x.to(weight.dtype), *args, **kwargs).to(x.dtype)
+            return call_previous(x, *args, **kwargs)
+
+        return forward
+
+    return make
+
+
+@contextlib.contextmanager
+def parameters_in_fp32(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """For the duration of one call, the module's half-precision tensors `names` read as fp32 copies.
+
+    A bf16/fp16 value is exact in fp32, so the norm computes exactly as with an fp32 parameter, without one: no new
+    bytes between calls and no dtype change that a wrapper (FSDP), a checkpoint or an optimizer can see. Each name is
+    swapped where attribute lookup finds it: the instance `__dict__` first (FSDP1 sets the unsharded views there
+    during forward, keeping the sharded parameter in `_parameters`), else `_parameters`.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for name in names:
+            stores: tuple[dict[str, Any], ...] = (module.__dict__, module._parameters)
+            for store in stores:
+                value = store.get(name)
+                if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+                    store[name] = value.float()
+                    swapped.append((store, name, value))
+                    break
+        yield
+    finally:
+        for store, name, value in reversed(swapped):
+            store[name] = value
+
+
+def fp32_compute_forward(module: nn.Module) -> Callable[[Forward], Forward]:
+    names = [name for name, p in module._parameters.items() if p is not None and p.is_floating_point()]
+
+    def make(call_previous: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with parameters_in_fp32(module, names):
+                return call_previous(*args, **kwargs)
+
+        return forward
+
+    return make

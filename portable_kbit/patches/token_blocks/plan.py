@@ -1,0 +1,198 @@
+"""What token blocks cover and how many tokens per block, decided from the trace before any change; and the
+patches that put them on the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...model.hf import hf_model, loss_function
+from ...model.layers import layer_pattern, structure
+from ...model.logit_transform import LogitTransform
+from ...model.trace import MlpCandidate, Trace
+from ..protocol import InstanceForward, Patch
+from .counts import BlockedCalls
+from .head_loss import HeadAndLoss
+from .mlp import blocked_forward, collector_var
+
+AUTO = "auto"
+
+
+def check_option(value: Any) -> None:
+    """``token_blocks`` must be None, "auto" or a positive int (tokens per block); ValueError otherwise."""
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"token_blocks={value!r} is not valid: use 'auto' (the backend's block size, only where a call is longer "
+            "than one block), a positive int (tokens per block) or None (no token blocks)"
+        )
+
+
+@dataclasses.dataclass
+class BlocksPlan:
+    """What prepare() blocks, and how many tokens per block."""
+
+    size: int
+    source: str  # "argument", "backend default", "shrunk by memory pressure"
+    head: nn.Module | None  # the output head whose logits and loss run in blocks (None: left alone)
+    head_name: str | None
+    transform: LogitTransform | None
+    mlps: dict[str, MlpCandidate]  # name -> how to block it
+    left_alone: dict[str, str]  # name or part -> why
+
+
+def build(
+    model: nn.Module, found: Trace, token_blocks: int | str, size: Callable[[int], tuple[int, str]]
+) -> BlocksPlan:
+    """Decide what to block from the trace. ``size(bytes_per_token)`` gives the block size and its source for "auto".
+
+    Raises ValueError (before any change) when an explicit block size is asked for and the model's head and loss
+    cannot be blocked: its logits go through a transform that cannot be replayed on blocks, or the trace failed.
+    """
+    base = hf_model(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    left_alone: dict[str, str] = {}
+    explicit = token_blocks != AUTO
+    problem = None
+    if found.error is not None:
+        problem = f"a trace of its forward with labels failed ({found.error})"
+    elif found.head is not None:
+        problem = found.head_problem or _loss_problem(base)
+    if problem is not None and explicit:
+        raise ValueError(
+            f"token_blocks={token_blocks!r}: the output head and loss of this model cannot run in token blocks: "
+            f"{problem}. Pass token_blocks='auto' to block only what can be blocked (the report says what), or "
+            "token_blocks=None."
+        )
+    head = found.head if problem is None else None
+    head_name = names.get(id(found.head)) if found.head is not None else None
+    if head is None:
+        left_alone[head_name or "output head"] = problem or found.head_problem or "no output head"
+
+    mlps = _expand_mlps(model, base, found, names, left_alone)
+    if not mlps and not any(key != (head_name or "output head") for key in left_alone):
+        left_alone["MLPs"] = (
+            "no module takes a norm's output alone and returns its shape (the feed-forward may be inline in the "
+            "decoder layer, as in OPT)"
+        )
+    widths = [4 * _out_features(head)] if head is not None else []
+    widths += [4 * _widest_leaf(candidate.module) for candidate in mlps.values()]
+    if explicit:
+        assert isinstance(token_blocks, int)
+        block, source = token_blocks, "argument"
+    else:
+        block, source = size(max(widths, default=1))
+    return BlocksPlan(block, source, head, head_name, found.transform if head else None, mlps, left_alone)
+
+
+def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Patch]:
+    """The blocked head/loss (hooks and loss_function) and the blocked MLP forwards, as patches to apply."""
+    out: list[Patch] = []
+    if plan.head is not None and plan.transform is not None:
+        base = hf_model(model)
+        original = loss_function(base)
+        if original is None:  # build() checked it: a bug if it is gone
+            raise RuntimeError("the model's loss_function disappeared between planning and installing token blocks")
+        original = getattr(original, "blocked_loss_of", original)
+        out += HeadAndLoss(base, plan.size, plan.transform, original, counts).patches()
+    for candidate in plan.mlps.values():
+        out.append(InstanceForward(candidate.module, blocked_forward(candidate.module, plan.size, candidate, counts)))
+    return out
+
+
+def recorded_classes(model: nn.Module) -> tuple[tuple[type, ...], tuple[str, ...]]:
+    """Module classes (and class-name suffixes) whose outputs transformers records through hooks for a model
+    output other than hidden states and attentions: MoE routers, for the auxiliary loss."""
+    classes: list[type] = []
+    names: list[str] = []
+    for module in model.modules():
+        spec = getattr(type(module), "_can_record_outputs", None)
+        if not isinstance(spec, dict):
+            continue
+        for key, value in spec.items():
+            if key in ("hidden_states", "attentions", "cross_attentions"):
+                continue
+            for recorder in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(recorder, type):
+                    classes.append(recorder)
+                    continue
+                target = getattr(recorder, "target_class", None)
+                if isinstance(target, type):
+                    classes.append(target)
+                class_name = getattr(recorder, "class_name", None)
+                if isinstance(class_name, str):
+                    names.append(class_name)
+    return tuple(classes), tuple(names)
+
+
+def _loss_problem(model: nn.Module) -> str | None:
+    prop = getattr(type(model), "loss_function", None)
+    if not isinstance(prop, property) or prop.fset is None:
+        return "this transformers version has no settable loss_function"
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:
+        return "this transformers version has no loss mapping"
+    current = loss_function(model)
+    current = getattr(current, "blocked_loss_of", current)  # an earlier prepare()'s blocked loss
+    causal = LOSS_MAPPING.get("ForCausalLM")
+    if current is not causal:
+        name = getattr(current, "__name__", type(current).__name__)
+        return f"its loss_function is {name}, not transformers' ForCausalLMLoss, whose blocked form this is"
+    return None
+
+
+def _expand_mlps(
+    model: nn.Module, base: nn.Module, found: Trace, names: dict[int, str], left_alone: dict[str, str]
+) -> dict[str, MlpCandidate]:
+    """The traced MLPs (one layer of each kind) applied to every layer: same place in the layer, same structure."""
+    recorded, recorded_names = recorded_classes(base)
+    merging = collector_var() is not None
+    by_pattern: dict[tuple[str, Any], MlpCandidate] = {}
+    for module, candidate in found.mlps.items():
+        name = names.get(id(module))
+        if name is None:
+            continue
+        pattern = layer_pattern(name)
+        if candidate.reason is None:
+            # a record on the block itself is taken once, around the blocked forward (its tuple output merged);
+            # one on a submodule (a router) is taken once per block and must be merged back
+            records = [
+                type(m).__name__
+                for n, m in module.named_modules()
+                if n and (isinstance(m, recorded) or any(f"{name}.{n}".endswith(s) for s in recorded_names))
+            ]
+            if records and not merging:
+                candidate.reason = (
+                    f"transformers records the outputs of its {records[0]} (router logits for the auxiliary loss) "
+                    "per call, and this transformers version keeps those records out of reach: blocks would "
+                    "split them"
+                )
+            candidate.records = bool(records)
+        if candidate.reason is not None:
+            left_alone[pattern] = candidate.reason
+            continue
+        by_pattern[(pattern, structure(module))] = candidate
+    out: dict[str, MlpCandidate] = {}
+    for name, module in model.named_modules():
+        key = (layer_pattern(name), structure(module))
+        if name and key in by_pattern:
+            out[name] = dataclasses.replace(by_pattern[key], module=module)
+    return out
+
+
+def _out_features(module: nn.Module) -> int:
+    width = getattr(module, "out_features", None)
+    if isinstance(width, int):
+        return width
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 1
+
+
+def _widest_leaf(module: nn.Module) -> int:
+    return max((_out_features(m) for m in module.modules() if not any(True for _ in m.children())), default=1)
