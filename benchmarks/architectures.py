@@ -15,6 +15,13 @@ Outcome per type and mode:
 - ``config-failed``: no tiny model could be built, saved and loaded (the reason is recorded);
 - ``failed``: anything else, with the stage and the error.
 
+Two more modes, ``fp32+blocks`` and ``native+blocks``, prepare with ``token_blocks=8`` (the sweep's sequences are
+32 tokens: four blocks); a refusal of that size (a head and loss that cannot run in blocks) is retried with
+``token_blocks="auto"``, whose block size the sweep sets to 8 tokens too. ``trained`` there also means that what
+prepare() planned in blocks ran in blocks (``report(model).token_block_calls``). And for every type, ``trace``: the
+trace prepare() runs (with token blocks) leaves the model exactly as it was (the model state compared in full, no
+tensor on the meta device).
+
 Each type runs in its own subprocess with a timeout (one bad model does not stop the sweep):
 
     python benchmarks/architectures.py                       # the full sweep -> benchmarks/results/architectures/
@@ -46,8 +53,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "architectures" / "results.jsonl"
 MARKERS = ("<!-- architectures-table:start -->", "<!-- architectures-table:end -->")
-MODES = ("fp32", "layer", "native")  # portable_kbit.prepare.ACTIVATIONS (checked in main)
+ACTIVATIONS = ("fp32", "layer", "native")  # portable_kbit.prepare's activations modes (checked in main)
+BLOCKED_MODES = ("fp32+blocks", "native+blocks")  # the same with token blocks
+MODES = (*ACTIVATIONS, *BLOCKED_MODES)
 OUTCOMES = ("trained", "refused", "control-failed", "config-failed", "failed")
+TRACE_OUTCOMES = ("unchanged", "changed")
+BLOCK_TOKENS = 8  # token blocks: four blocks of the 32-token sequences
 
 VOCAB = 512  # the tiny vocabulary; special token ids beyond it are put at its top, training ids drawn between
 LOW_IDS = 16  # special token ids below this stay (pad/bos/eos: some models tie them to position embeddings)
@@ -692,14 +703,48 @@ def _training_problem(training: Training) -> str | None:
     return None
 
 
+def mode_options(mode: str) -> dict[str, Any]:
+    """prepare()'s options for a mode of the sweep ("native", "fp32+blocks" ...)."""
+    activations, _, blocks = mode.partition("+")
+    return {"activations": activations, **({"token_blocks": BLOCK_TOKENS} if blocks else {})}
+
+
+@contextlib.contextmanager
+def small_auto_blocks() -> Iterator[None]:
+    """token_blocks="auto" picks blocks of BLOCK_TOKENS here (the backends' sizes are for real lengths)."""
+    from portable_kbit.backends.base import Backend
+
+    saved = {k: getattr(Backend, k) for k in ("default_block_tokens", "min_block_tokens", "block_token_multiple")}
+    for key in saved:
+        setattr(Backend, key, BLOCK_TOKENS)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(Backend, key, value)
+
+
+def blocks_problem(report: Any) -> str | None:
+    """What prepare() planned in token blocks but did not run in blocks while training (None: all of it ran)."""
+    calls = report.token_block_calls.to_dict() if report.token_block_calls is not None else {}
+    missing = []
+    if report.blocked_head is not None and not calls.get("head and loss", {}).get("blocked"):
+        missing.append(f"the head and loss ({calls.get('head and loss')})")
+    if report.blocked_mlps and not calls.get("MLPs", {}).get("blocked"):
+        missing.append(f"the MLPs ({calls.get('MLPs')})")
+    return f"planned in token blocks but never run in blocks: {'; '.join(missing)}" if missing else None
+
+
 def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwargs: Any) -> dict[str, Any]:
-    """prepare(activations=mode) on a fresh load, then the control's LoRA training; the checks of `trained`."""
+    """prepare() in a mode of the sweep on a fresh load, then the control's LoRA training; the checks of `trained`.
+    `prepare_kwargs` add to (or replace) the mode's options: a retry."""
     import portable_kbit
 
     model_state = _model_state()
     record: dict[str, Any] = {"mode": mode}
     if prepare_kwargs:
         record["prepare_kwargs"] = {k: repr(v) for k, v in prepare_kwargs.items()}
+    options = {**mode_options(mode), **prepare_kwargs}
     started = time.perf_counter()
     model = load(checkpoint)
     quantized = quantized_parameters(model)
@@ -708,7 +753,8 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
     dtypes = {n: p.dtype for n, p in parameters.items()}
     before = model_state.take(model)
     try:
-        portable_kbit.prepare(model, target_modules=checkpoint.lora_targets, activations=mode, **prepare_kwargs)
+        with small_auto_blocks():
+            portable_kbit.prepare(model, target_modules=checkpoint.lora_targets, **options)
     except Exception as error:
         differences = before.diff(model_state.take(model))
         restored = any("restored" in note for note in getattr(error, "__notes__", []))
@@ -728,6 +774,9 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
         input_guards=report.input_guards,
         notes=report.notes,
     )
+    if report.token_blocks is not None:
+        record.update(blocked_head=report.blocked_head, blocked_mlps=len(report.blocked_mlps))
+        record["not_blocked"] = report.not_blocked
     left_on_meta = meta_tensors(model)
     changed = sorted(n for n, p in parameters.items() if p.dtype != dtypes[n])
     unplanned = [n for n in changed if n not in set(report.upcast)]
@@ -759,6 +808,10 @@ def run_mode(checkpoint: Checkpoint, mode: str, control: Training, **prepare_kwa
     touched = [n for n, p in quantized.items() if not model_state.same_bytes(model_state.raw_bytes(p), bits[n])]
     if touched:
         problems.append(f"quantized weights changed: {touched[:3]}")
+    if report.token_block_calls is not None:
+        record["token_block_calls"] = report.token_block_calls.to_dict()
+        if problem := blocks_problem(report):
+            problems.append(problem)
     if problems:
         record.update(outcome="failed", stage="check", error="; ".join(problems))
     else:
@@ -780,10 +833,47 @@ WHY = {
 }
 
 #: a refusal whose reason names this way forward is retried with it (the record keeps both outcomes)
-RETRIES = {  # the first phrase found is the retry
+RETRIES = {  # the first phrase found is the retry; a retry refused again is retried with both
     "{'use_reentrant': False}": {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
     "use_gradient_checkpointing=False": {"use_gradient_checkpointing": False},
+    "token_blocks='auto'": {"token_blocks": "auto"},
 }
+MAX_RETRIES = 2
+
+
+def run_with_retries(checkpoint: Checkpoint, mode: str, control: Training) -> dict[str, Any]:
+    """run_mode; where prepare() refuses naming a way forward (RETRIES), once more with it (and again, up to
+    MAX_RETRIES). The record is the first run's, with the last retry's outcome under "retry"."""
+    record = run_mode(checkpoint, mode, control)
+    last, kwargs = record, {}
+    for _ in range(MAX_RETRIES):
+        found = next((extra for phrase, extra in RETRIES.items() if phrase in last.get("reason", "")), None)
+        if last["outcome"] != "refused" or found is None:
+            break
+        kwargs = {**kwargs, **found}
+        last = run_mode(checkpoint, mode, control, **kwargs)
+        record["retry"] = {k: last.get(k) for k in ("prepare_kwargs", "outcome", "error", "reason", "losses")}
+    return record
+
+
+def check_trace(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The trace prepare() runs (as with token blocks: the forward with labels) on a fresh load: the model state
+    before and after compared in full, and no tensor left on the meta device."""
+    from portable_kbit.pipeline.prepare import planned_changes
+
+    model_state = _model_state()
+    record: dict[str, Any] = {"mode": "trace"}
+    model = load(checkpoint)
+    before = model_state.take(model)
+    _, found = planned_changes(model, "adjacent", checkpoint.lora_targets, token_blocks=BLOCK_TOKENS)
+    assert found is not None
+    differences = before.diff(model_state.take(model)) + [f"on meta: {n}" for n in meta_tensors(model)]
+    record.update(rung=found.rung, trace_error=found.error, seconds=round(found.seconds, 3))
+    if differences:
+        record.update(outcome="changed", error="; ".join(differences[:5]))
+    else:
+        record["outcome"] = "unchanged"
+    return record
 
 
 def run_type(model_type: str, modes: Iterable[str] = MODES, workdir: str | None = None) -> list[dict[str, Any]]:
@@ -804,17 +894,17 @@ def run_type(model_type: str, modes: Iterable[str] = MODES, workdir: str | None 
             return [{**base, "mode": mode, "outcome": "config-failed", "reason": str(error)} for mode in modes]
         base["targets"] = checkpoint.targets_note  # the control may have fallen back to plain nn.Linear layers
         records = [{**base, **control_record}]
+        try:
+            records.append({**base, **check_trace(checkpoint)})
+        except Exception as error:  # the sweep's own step failed: a change it could not check
+            failed = {"mode": "trace", "outcome": "changed", "error": _error(error), "at": _where(error)}
+            records.append({**base, **failed})
         for mode in modes:
             if control is None:
                 records.append({**base, "mode": mode, "outcome": "control-failed"})
                 continue
             try:
-                record = run_mode(checkpoint, mode, control)
-                for phrase, kwargs in RETRIES.items():
-                    if record["outcome"] == "refused" and phrase in record.get("reason", ""):
-                        retry = run_mode(checkpoint, mode, control, **kwargs)
-                        record["retry"] = {k: retry.get(k) for k in ("prepare_kwargs", "outcome", "error", "losses")}
-                        break
+                record = run_with_retries(checkpoint, mode, control)
             except Exception as error:  # the sweep's own step failed (loading ...): a failure of this mode
                 record = {"mode": mode, "outcome": "failed", "stage": "sweep", "error": _error(error)}
                 record["at"] = _where(error)
@@ -862,7 +952,7 @@ def run_in_subprocess(model_type: str, timeout: float, modes: Iterable[str] = MO
     return [
         {"model_type": model_type, "mode": mode, "outcome": "failed", "stage": "subprocess", "error": error}
         | {"type_seconds": seconds}
-        for mode in ["control", *modes]
+        for mode in ["control", "trace", *modes]
     ]
 
 
@@ -872,7 +962,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def write(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    order = {mode: i for i, mode in enumerate(("control", *MODES))}
+    order = {mode: i for i, mode in enumerate(("control", "trace", *MODES))}
     records = sorted(records, key=lambda r: (r["model_type"], order.get(r["mode"], 99)))
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
@@ -909,6 +999,30 @@ def summary(records: list[dict[str, Any]]) -> str:
     for outcome in OUTCOMES:
         counts = [sum(1 for t in by_type.values() if t.get(m, {}).get("outcome") == outcome) for m in modes]
         lines.append(f"| {outcome} | " + " | ".join(str(c) for c in counts) + " |")
+    blocked = [m for m in modes if m in BLOCKED_MODES]
+    if blocked:
+        lines.append("")
+        for mode in blocked:
+            trained = [t[mode] for t in by_type.values() if t.get(mode, {}).get("outcome") == "trained"]
+            retried = [t[mode]["retry"] for t in by_type.values() if t.get(mode, {}).get("outcome") == "refused"]
+            trained_retries = sum(1 for r in retried if r and r.get("outcome") == "trained")
+            head = sum(1 for r in trained if r.get("blocked_head"))
+            mlps = sum(1 for r in trained if r.get("blocked_mlps"))
+            lines.append(
+                f"`{mode}` (token_blocks={BLOCK_TOKENS}): {len(trained)} types trained, with the head and loss in "
+                f"blocks for {head} and MLPs in blocks for {mlps}; {trained_retries} of the {len(retried)} refused "
+                "trained when retried with the option their refusal names."
+            )
+    traces = [t["trace"] for t in by_type.values() if "trace" in t]
+    if traces:
+        unchanged = sum(1 for r in traces if r["outcome"] == "unchanged")
+        lines += ["", f"The trace prepare() runs left {unchanged} of {len(traces)} models exactly as they were."]
+    changed = [
+        (name, t["trace"]) for name, t in sorted(by_type.items()) if t.get("trace", {}).get("outcome") == "changed"
+    ]
+    if changed:
+        lines += ["", "**Changed by the trace**:", ""]
+        lines += [f"- `{name}`: {_one_line(str(r.get('error')))}" for name, r in changed]
     sections = (
         ("refused", "Refused (before any change), with the reason", "reason"),
         ("failed", "Failed", "error"),
@@ -987,9 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
         return 0
 
-    from portable_kbit.pipeline.prepare import ACTIVATIONS
+    from portable_kbit.pipeline.prepare import ACTIVATIONS as PREPARE_ACTIVATIONS
 
-    assert tuple(ACTIVATIONS) == MODES, f"the sweep's modes {MODES} are not prepare()'s {ACTIVATIONS}"
+    assert tuple(PREPARE_ACTIVATIONS) == ACTIVATIONS, f"the sweep's {ACTIVATIONS} are not prepare()'s"
     known = all_types()
     types = args.types.split(",") if args.types else known
     unknown = sorted(set(types) - set(known))

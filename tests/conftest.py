@@ -40,3 +40,14 @@ def planned_changes(model, upcast="adjacent", target_modules=None, frozen_norms=
 
     prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")
     return prepare_module.planned_changes(model, upcast, target_modules, frozen_norms)[0]
+
+
+if os.environ.get("PORTABLE_KBIT_TEST_BLOCKING_OFF") == "1":
+    # The mutation tests/test_blocks_without_blocking.py runs: token blocks planned and reported as before, but every
+    # call runs the plain path (a block size no call reaches). The tests of tests/test_blocks.py must notice.
+    import dataclasses
+
+    from portable_kbit.patches.token_blocks import plan as _blocks_plan
+
+    _patches = _blocks_plan.patches
+    _blocks_plan.patches = lambda model, plan, counts: _patches(model, dataclasses.replace(plan, size=1 << 40), counts)

@@ -92,6 +92,24 @@ def train_step(model, token_blocks, inputs, checkpointing=CHECKPOINTING, **prepa
     return out, grads, model
 
 
+def calls(model) -> dict:
+    """What token blocks did since prepare(): report(model).token_block_calls (the PeftModel's or its base's)."""
+    done = portable_kbit.report(model)
+    if done is None and hasattr(model, "get_base_model"):
+        done = portable_kbit.report(model.get_base_model())
+    assert done is not None and done.token_block_calls is not None, "no token blocks on this model"
+    return done.token_block_calls.to_dict()
+
+
+def assert_blocking_ran(model, mlp_calls: int = 2) -> None:
+    """The head and loss ran in blocks for every call, and at least `mlp_calls` MLP calls did (a checkpointed
+    layer's MLP runs twice per step), none whole."""
+    counts = calls(model)
+    assert counts["head and loss"] == {"blocked": 1, "whole": {}}, counts
+    if mlp_calls:
+        assert counts["MLPs"]["blocked"] >= mlp_calls and not counts["MLPs"]["whole"], counts
+
+
 def assert_same_step(plain, blocked, tolerance=TOLERANCE):
     (out_a, grads_a, _), (out_b, grads_b, _) = plain, blocked
     assert abs(out_a.loss.item() - out_b.loss.item()) <= tolerance, (out_a.loss.item(), out_b.loss.item())
@@ -120,6 +138,7 @@ def test_blocked_step_equals_plain(case):
     plain = train_step(model, None, inputs)
     blocked = train_step(model, BLOCK, inputs)
     assert_same_step(plain, blocked)
+    assert_blocking_ran(blocked[2])
     done = portable_kbit.report(blocked[2].get_base_model())
     assert done.token_blocks == BLOCK and done.token_blocks_source == "argument"
     assert done.blocked_head == "lm_head"
@@ -135,7 +154,9 @@ def test_shift_labels():
     labels = inputs.pop("labels")
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()  # as collators make them
     inputs = {**inputs, "labels": labels, "shift_labels": shifted}
-    assert_same_step(train_step(model, None, inputs), train_step(model, BLOCK, inputs))
+    blocked = train_step(model, BLOCK, inputs)
+    assert_same_step(train_step(model, None, inputs), blocked)
+    assert_blocking_ran(blocked[2])
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -146,6 +167,7 @@ def test_moe_router_logits_and_auxiliary_loss(reentrant):
     plain = train_step(model, None, inputs, checkpointing)
     blocked = train_step(model, BLOCK, inputs, checkpointing)
     assert_same_step(plain, blocked)
+    assert_blocking_ran(blocked[2])
     assert abs(plain[0].aux_loss.item() - blocked[0].aux_loss.item()) <= TOLERANCE
     # one merged entry per layer, as without blocks (the router runs once per block)
     assert len(blocked[0].router_logits) == len(plain[0].router_logits) == 2
@@ -167,6 +189,7 @@ def test_quantized_model(backend, device, activations):
     # on the CPU the same kernels on the same rows, only the order of the loss sum differs; on a GPU a block is a
     # matmul of another shape, for which cuBLAS picks another kernel (H100: gradients 4.7e-4 apart, run 5)
     assert_same_step(plain, blocked, tolerance=1e-4 if backend == "cpu" else 1e-3)
+    assert_blocking_ran(blocked[2])
 
 
 HEADS = {
@@ -202,6 +225,7 @@ def test_trained_head(case):
 
     plain, blocked = step(None), step(BLOCK)
     assert_same_step(plain, blocked)
+    assert_blocking_ran(blocked[2])
     assert any("lm_head" in name for name in blocked[1]) and blocked[0].logits is None
 
 
@@ -225,6 +249,10 @@ def test_outputs_without_labels_or_in_eval_mode_are_unchanged():
     with torch.no_grad():  # eval mode with labels (Trainer's evaluation): full logits and transformers' loss
         a, b = plain(**inputs), blocked(**inputs)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    counts = calls(blocked)
+    assert counts["head and loss"] == {"blocked": 0, "whole": {"no labels": 1, "eval mode": 2}}, counts
+    # the MLPs run in blocks in training mode, labels or not (the unlabelled training-mode call: 2 layers)
+    assert counts["MLPs"] == {"blocked": 2, "whole": {"eval mode": 4}}, counts
     generated = [m.generate(inputs["input_ids"][:1, :8], max_new_tokens=3, do_sample=False) for m in (plain, blocked)]
     assert torch.equal(*generated)
 
@@ -239,8 +267,11 @@ def test_auto_blocks_only_calls_longer_than_a_block():
     model.train()
     short = batch(length=size // 2, rows=1)
     assert model(**short).logits is not None  # one block: the head and transformers' loss as usual
+    assert calls(model)["head and loss"] == {"blocked": 0, "whole": {"one block or fewer tokens": 1}}
     long = batch(length=size + 8, rows=1)
     assert model(**long).logits is None
+    assert calls(model)["head and loss"] == {"blocked": 1, "whole": {"one block or fewer tokens": 1}}
+    assert calls(model)["MLPs"]["blocked"] == 2 and calls(model)["MLPs"]["whole"] == {"one block or fewer tokens": 2}
 
 
 def test_trainer_trains_and_evaluates_with_full_logits(tmp_path):
@@ -410,6 +441,8 @@ def test_memory_saved_at_4096_tokens(what, overrides, full_bytes):
         prepared = get_peft_model(prepared, LoraConfig(r=4, target_modules=TARGETS))
         prepared.train()
         peaks[token_blocks] = peak_bytes(prepared, inputs)
+        if token_blocks is not None:
+            assert_blocking_ran(prepared, mlp_calls=1)
     saved = peaks[None] - peaks[1024]
     message = f"{what}: peak {peaks[None] / MiB:.0f} MiB plain, {peaks[1024] / MiB:.0f} MiB in 1024-token blocks"
     assert saved >= 2 * full_bytes, message  # at least two full-length temporaries never exist
