@@ -1,4 +1,4 @@
-"""CPU: no allocator API; psutil (in memory.py) sees everything."""
+"""CPU: no allocator API; psutil (memory/snapshots.py) sees everything."""
 
 from __future__ import annotations
 

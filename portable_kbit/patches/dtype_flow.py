@@ -24,7 +24,7 @@ from ..constants import HALF_DTYPES
 from ..model.quantized import handles_its_own_input_dtype, quantization_kind
 from .arguments import first_tensor, replace_first
 from .fp32_compute import computes_in_fp32, fp32_compute_forward, fp32_linear_forward
-from .layer_mode import block_in_fp32, block_output_to
+from .layer_mode import layer_in_fp32, layer_output_to
 from .protocol import Forward, Hook, InstanceForward, Patch
 
 #: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)
@@ -237,7 +237,7 @@ def install(
     input_embeddings: nn.Module | None = None,
     chunk_bytes: int = 64 << 20,
     compute_norms: Sequence[nn.Module] = (),
-    blocks: Sequence[nn.Module] = (),
+    layers: Sequence[nn.Module] = (),
     fallback_consumers: Sequence[nn.Module] = (),
 ) -> list[Patch]:
     """The dtype flow's patches, in the order to apply them (removed newest first, they restore the originals).
@@ -246,19 +246,19 @@ def install(
     activations the embedding output is fp32 too (as with peft, whose embedding weight is fp32: the residual stream
     and the rotary cos/sin follow its dtype), and a frozen half-precision nn.Linear consumer (lm_head) computes in fp32
     block by block instead of rounding its input and output to bf16. With "layer" activations the upcast norms hand
-    fp32 on inside each block (`blocks`), whose output is cast back to the model's dtype: the stream between blocks
-    and the checkpointed block inputs stay half precision (each block computes as in "fp32" mode: its inputs are cast
-    to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode.
+    fp32 on inside each checkpointed layer (`layers`), whose output is cast back to the model's dtype: the stream
+    between layers and the checkpointed layer inputs stay half precision (each layer computes as in "fp32" mode: its
+    inputs are cast to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode.
     """
     patches: list[Patch] = []
     fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
     compute = {id(m) for m in compute_norms}
-    # "layer": fp32 only inside the blocks; a norm outside every block (a cross-attention's, the final one) hands on
-    # the model's dtype, which is what the masks and everything else between the blocks are in
-    in_blocks = {id(m) for block in blocks for m in block.modules()} if activations == "layer" else None
+    # "layer": fp32 only inside the layers; a norm outside every layer (a cross-attention's, the final one) hands on
+    # the model's dtype, which is what the masks and everything else between the layers are in
+    in_layers = {id(m) for layer in layers for m in layer.modules()} if activations == "layer" else None
     for norm, original_dtype in upcast_norms.items():
         in_fp32 = id(norm) in compute
-        hands_fp32 = fp32_inside and (in_blocks is None or id(norm) in in_blocks)
+        hands_fp32 = fp32_inside and (in_layers is None or id(norm) in in_layers)
         flow = UpcastNormFlow(torch.float32 if hands_fp32 else original_dtype, torch.float32 if in_fp32 else None)
         patches += [Hook(norm, flow.before, pre=True), Hook(norm, flow.after, pre=False)]
         if in_fp32:
@@ -267,8 +267,8 @@ def install(
         patches.append(Hook(input_embeddings, _embedding_output_to_fp32, pre=False))
     if fp32_inside and activations == "layer":
         native = next(iter(upcast_norms.values()))
-        for block in blocks:
-            patches += [InstanceForward(block, block_in_fp32(block)), Hook(block, block_output_to(native), pre=False)]
+        for layer in layers:
+            patches += [InstanceForward(layer, layer_in_fp32(layer)), Hook(layer, layer_output_to(native), pre=False)]
     for module in consumers:
         if fp32_inside and computes_in_fp32(module):
             cast_input = activations == "layer"

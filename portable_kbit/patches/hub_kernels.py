@@ -1,4 +1,4 @@
-"""transformers' hub kernels and prepare()'s instance forwards.
+"""prepare()'s instance forwards kept through transformers' hub-kernel kernelization (train(), eval()).
 
 From transformers 5.25 (which depends on the ``kernels`` package), ``from_pretrained`` kernelizes a model by default
 (``use_kernels=True``), and ``PreTrainedModel.train()`` / ``eval()`` kernelize it again whenever the kernel mode

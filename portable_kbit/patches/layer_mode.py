@@ -27,7 +27,7 @@ def _in_fp32(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]
     return tuple(_half_to_fp32(a) for a in args), {k: _half_to_fp32(v) for k, v in kwargs.items()}
 
 
-def _checkpoints_its_forward(block: nn.Module) -> bool:
+def _checkpoints_its_forward(layer: nn.Module) -> bool:
     """Whether this call of a transformers layer will checkpoint its class forward rather than its __call__.
 
     transformers' GradientCheckpointingLayer checkpointed ``__call__`` (hooks and an instance forward inside the
@@ -37,9 +37,9 @@ def _checkpoints_its_forward(block: nn.Module) -> bool:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
         return False
-    if not isinstance(block, GradientCheckpointingLayer) or "__call__" in GradientCheckpointingLayer.__dict__:
+    if not isinstance(layer, GradientCheckpointingLayer) or "__call__" in GradientCheckpointingLayer.__dict__:
         return False
-    return bool(getattr(block, "gradient_checkpointing", False)) and block.training and torch.is_grad_enabled()
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
 
 
 def _checkpoint_in_fp32(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,22 +58,22 @@ def _checkpoint_in_fp32(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
     return checkpoint_in_fp32
 
 
-def block_in_fp32(block: nn.Module) -> Callable[[Forward], Forward]:
-    """ "layer" mode: a block computes as in "fp32" mode. Its half-precision inputs (the hidden states, and what the
+def layer_in_fp32(layer: nn.Module) -> Callable[[Forward], Forward]:
+    """ "layer" mode: a layer computes as in "fp32" mode. Its half-precision inputs (the hidden states, and what the
     model computed once for every layer in its dtype: an additive attention mask, ALiBi biases, rotary cos/sin) are
     cast to fp32 where its computation starts, inside its gradient checkpoint, so that the checkpoint keeps the
-    half-precision input (the point of this mode) and no op in the block meets two dtypes (a post-norm block feeds
-    its input straight to attention; some blocks mix their input with fp32 results in a matmul)."""
+    half-precision input (the point of this mode) and no op in the layer meets two dtypes (a post-norm layer feeds
+    its input straight to attention; some layers mix their input with fp32 results in a matmul)."""
 
     def make(call_previous: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            checkpoint = block.__dict__.get("_gradient_checkpointing_func")
-            if checkpoint is not None and _checkpoints_its_forward(block):
-                block.__dict__["_gradient_checkpointing_func"] = _checkpoint_in_fp32(checkpoint)
+            checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
+            if checkpoint is not None and _checkpoints_its_forward(layer):
+                layer.__dict__["_gradient_checkpointing_func"] = _checkpoint_in_fp32(checkpoint)
                 try:
                     return call_previous(*args, **kwargs)
                 finally:
-                    block.__dict__["_gradient_checkpointing_func"] = checkpoint
+                    layer.__dict__["_gradient_checkpointing_func"] = checkpoint
             args, kwargs = _in_fp32(args, kwargs)
             return call_previous(*args, **kwargs)
 
@@ -82,7 +82,7 @@ def block_in_fp32(block: nn.Module) -> Callable[[Forward], Forward]:
     return make
 
 
-def block_output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
+def layer_output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         y = first_tensor(output)
         if y is None or y.dtype != torch.float32:

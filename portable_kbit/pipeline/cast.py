@@ -1,4 +1,4 @@
-"""Chunked, reversible dtype changes.
+"""The casts: grouped in chunks under a byte budget, each recorded in a journal that undoes it exactly.
 
 Every cast is an upcast (fp16/bf16 -> fp32), so undoing one is a downcast that gives back the original bits: nothing
 needs to be kept in memory to restore a parameter.

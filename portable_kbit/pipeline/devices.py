@@ -83,7 +83,7 @@ def share_casts(
     return shares
 
 
-def check_fits(shares: list[DeviceShare]) -> None:
+def check_headroom(shares: list[DeviceShare]) -> None:
     """Refuse, naming the device, when a device's casts need more than its measured headroom (nothing changed)."""
     for share in shares:
         headroom = share.before.headroom

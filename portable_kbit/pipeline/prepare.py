@@ -39,7 +39,7 @@ from .checks import (
 )
 from .devices import (
     DeviceShare,
-    check_fits,
+    check_headroom,
     chunks_of,
     device_targets,
     finish_on_devices,
@@ -154,7 +154,7 @@ def prepare(
     blocks_plan = plan_token_blocks(model, found, token_blocks, targets[0], befores[0])
     moved = model_bytes(model) if move_to is not None else 0
     shares = share_casts(targets, befores, changes.casts, chunk_bytes, moved)
-    check_fits(shares)
+    check_headroom(shares)
 
     previous: PrepState | None = getattr(model, STATE_ATTRIBUTE, None)
     had_fp32_attention = previous is not None and any(
