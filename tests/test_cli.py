@@ -217,3 +217,21 @@ def test_compare_plot_without_matplotlib_fails_before_measuring(capsys, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     code, out, err = run_main(capsys, "compare", "tiny", "--plot", "never.png")
     assert code == 2 and "--plot needs matplotlib" in err and not out
+
+
+def test_child_processes_import_this_portable_kbit():
+    """compare and fit run variants in fresh processes: they must import this checkout, and only the package (its
+    layer folders are not top-level modules)."""
+    import subprocess
+    import sys
+
+    import portable_kbit
+    from portable_kbit.tools.presets import child_env
+
+    env = child_env()
+    first = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert os.path.isfile(os.path.join(first, "portable_kbit", "__init__.py")), first
+    code = "import portable_kbit, importlib.util; print(portable_kbit.__file__, importlib.util.find_spec('tools'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    location, tools = done.stdout.split()
+    assert location == portable_kbit.__file__ and tools == "None"

@@ -221,7 +221,10 @@ def versions() -> dict[str, str | None]:
 def child_env() -> dict[str, str]:
     """The environment for a fresh Python process that imports this portable_kbit (a source checkout too)."""
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # runs from a source checkout too
+    import portable_kbit
+
+    # the folder that holds the package: a child process finds this checkout too, not only an installed copy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(portable_kbit.__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
