@@ -13,7 +13,7 @@ gradient checkpointing, AdamW lr 1e-4, 5 steps on one random sequence.
   steps of C, then in steps of 256 between the last length that fitted and the first that did not). A length counts
   when it and every shorter length tested fits: the search of a variant stops at its first failure. On CUDA each
   process caps its allocator at --cap-gib (8 GiB: torch.cuda.set_per_process_memory_fraction, through
-  portable_kbit.compare.cap_memory); --jobs runs that many processes at once (several 8 GiB processes fit on one
+  portable_kbit.tools.compare.cap_memory); --jobs runs that many processes at once (several 8 GiB processes fit on one
   80 GB GPU; each also holds a CUDA context of a few hundred MiB outside its cap). On a CPU there is no cap.
 - time (long_time.jsonl): one process per variant, uncapped, not concurrent; for each of --time-lengths the same
   starting adapter weights, 5 steps, each step timed with a device synchronisation; the median of steps 2-5 and the

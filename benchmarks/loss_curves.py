@@ -3,10 +3,10 @@
     python benchmarks/loss_curves.py --preset mistral-7b --steps 40 --seeds 1,2,3 --jobs 6 --out results/h100
     python benchmarks/loss_curves.py --preset tiny --steps 10 --seeds 1,2 --out /tmp/curves    # CPU, seconds
 
-Each (variant, seed) runs `portable_kbit.compare.run_variant` in a fresh process (load, prepare, LoRA r16 on q/k/v/o,
-non-reentrant checkpointing, AdamW lr 1e-4, `--steps` steps on one random sequence drawn with the seed); `--jobs`
-processes at a time (on one GPU: each has its own allocator, so memory figures stay per process; times do not, and
-none are reported here). Writes <out>/curves.jsonl (one record per run: variant, seed, losses, training peak) and
+Each (variant, seed) runs `portable_kbit.tools.compare.run_variant` in a fresh process (load, prepare, LoRA r16 on
+q/k/v/o, non-reentrant checkpointing, AdamW lr 1e-4, `--steps` steps on one random sequence drawn with the seed);
+`--jobs` processes at a time (on one GPU: each has its own allocator, so memory figures stay per process; times do not,
+and none are reported here). Writes <out>/curves.jsonl (one record per run: variant, seed, losses, training peak) and
 prints, per seed and variant, the mean gap to peft's loss over the steps (ours - peft) and the largest |gap|.
 """
 

@@ -3,12 +3,12 @@
     python benchmarks/prepare_time.py --preset mistral-7b --rounds 5 --jobs 4 --out benchmarks/results/h100
     python benchmarks/prepare_time.py --preset tiny --rounds 2 --out /tmp/prep_time                    # CPU
 
-Every measurement is the first call in a fresh process (`portable_kbit.compare.run_variant`, one short training step
-after it), with torch, transformers, peft and portable_kbit imported and the model loaded before the clock starts;
+Every measurement is the first call in a fresh process (`portable_kbit.tools.compare.run_variant`, one short training
+step after it), with torch, transformers, peft and portable_kbit imported and the model loaded before the clock starts;
 the loader's pending garbage collection is run before it too, for every variant alike (compare's load phase). Rounds
 visit the variants in a rotating order; `--jobs` processes at a time. Writes <out>/prepare_time.jsonl (one record per
-run: variant, round, seconds, and for prepare() the share of the trace forward) and prints the median and the
-fastest per variant.
+run: variant, round, seconds, and for prepare() the share of the trace forward) and prints the median and the fastest
+per variant.
 """
 
 from __future__ import annotations

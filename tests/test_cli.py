@@ -1,4 +1,4 @@
-"""The console script: env, demo, compare and fit, through portable_kbit.cli.main and once through the real entry
+"""The console script: env, demo, compare and fit, through portable_kbit.tools.cli.main and once through the real entry
 point."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """forecast(): predictions against measured steps on the CPU, the fallback, the search, and bad input.
 
 What is compared on the CPU: "bytes of live torch tensors" at the step's peak, counted op by op by
-portable_kbit.livebytes.LiveTensorBytes in real mode during a real training step (forecast.measure_step: optimizer
+portable_kbit.memory.livebytes.LiveTensorBytes in real mode during a real training step (steps.measure_step: optimizer
 state made first, then forward with labels, backward, AdamW step), against the forecast at a length that was not
 the calibration length. On an accelerator the forecast is checked against the allocator's peak allocated by
 benchmarks/forecast_accuracy.py.

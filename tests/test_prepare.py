@@ -1,8 +1,8 @@
 """prepare() on tiny quantized models: what it changes, what it never touches, and how it compares with peft.
 
 Every test runs once per backend available here (the `backend` / `device` fixtures of conftest.py). Models come from
-`portable_kbit.tiny`: a random bf16 Llama of 2 layers, hidden 128, saved once per process and loaded through a real
-quantizer (bitsandbytes nf4 or optimum-quanto int4).
+`portable_kbit.tools.tiny`: a random bf16 Llama of 2 layers, hidden 128, saved once per process and loaded through a
+real quantizer (bitsandbytes nf4 or optimum-quanto int4).
 """
 
 from __future__ import annotations

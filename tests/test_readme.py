@@ -1,8 +1,8 @@
 """Every code block in README.md: the CPU-runnable ones run here; GPU- and Mac-only ones are marked and skipped.
 
-A block is skipped when an HTML comment `<!-- no-test: REASON -->` stands right before it. In bash blocks,
-`pip install` commands are installation (CI does it in .ci/run before the tests), `python -m pytest` is this very run,
-and every `portable-kbit ...` / `python -m portable_kbit ...` command runs through portable_kbit.cli.main; any other
+A block is skipped when an HTML comment `<!-- no-test: REASON -->` stands right before it. In bash blocks, `pip
+install` commands are installation (CI does it in .ci/run before the tests), `python -m pytest` is this very run, and
+every `portable-kbit ...` / `python -m portable_kbit ...` command runs through portable_kbit.tools.cli.main; any other
 command fails the test, so that the README cannot show a command nobody runs.
 """
 

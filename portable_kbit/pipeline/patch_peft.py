@@ -152,7 +152,7 @@ class PeftPatch:
 
         prepare_model_for_kbit_training.__doc__ = (
             f"portable_kbit.patch_peft() is active: this calls portable_kbit.prepare(model, ...) with peft's "
-            f"arguments mapped (see portable_kbit.patch). peft's own function: {_MARK}.original.\n\n"
+            f"arguments mapped (see portable_kbit/pipeline/patch_peft.py). peft's own function: {_MARK}.original.\n\n"
             + (original.__doc__ or "")
         )
         setattr(prepare_model_for_kbit_training, _MARK, self)

@@ -272,7 +272,7 @@ def _memory_line(snap: dict[str, Any]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """`portable-kbit demo`: run portable_kbit.demo.run() and print the report and the losses; 1 if a loss is not
+    """`portable-kbit demo`: run portable_kbit.tools.demo.run() and print the report and the losses; 1 if a loss is not
     finite."""
     from . import demo
 

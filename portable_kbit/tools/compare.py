@@ -131,7 +131,7 @@ def run_variant(
         variant: one of VARIANTS.
         device: "auto", "cuda", "cuda:N", "rocm", "mps" or "cpu".
         steps, seq_len: training steps on one random sequence of seq_len tokens.
-        quantizer: one of portable_kbit.tiny.QUANTIZERS; None: the backend's first installed preference.
+        quantizer: one of portable_kbit.tools.tiny.QUANTIZERS; None: the backend's first installed preference.
         targets: LoRA target modules; None: the attention projections for the checkpoint's model_type.
         lr, r: AdamW learning rate and LoRA rank (lora_alpha = 2 r).
         memory_fraction: cap this process's allocator at this fraction of the GPU (CUDA and ROCm only).
@@ -373,7 +373,7 @@ def compare(
     return records
 
 
-# The presets and versions() moved to portable_kbit.presets; they stay importable from here for existing scripts.
+# The presets and versions() live in portable_kbit.tools.presets; they stay importable from here for existing scripts.
 __all__ = [
     "CHECKPOINTING",
     "DEFAULT_VARIANTS",

@@ -30,7 +30,7 @@ def run(
     Args:
         device: "auto" (the first available accelerator, else the CPU), "cuda", "cuda:N", "rocm", "mps" or "cpu".
         steps: optimizer steps on one random sequence (a memorization task: the loss must fall).
-        quantizer: one of portable_kbit.tiny.QUANTIZERS; None: the first that works here
+        quantizer: one of portable_kbit.tools.tiny.QUANTIZERS; None: the first that works here
             (bitsandbytes nf4 on CUDA, ROCm and CPU; optimum-quanto int4 on MPS and as the fallback).
         activations: passed to prepare() ("fp32" or "native").
         lr: AdamW learning rate (high, so that a few steps show the loss falling).

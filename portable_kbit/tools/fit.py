@@ -71,7 +71,7 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def activation_modes(text: str) -> list[str]:
-    """'fp32,native' -> the modes, each one prepare() knows (portable_kbit.prepare.ACTIVATIONS)."""
+    """'fp32,native' -> the modes, each one prepare() knows (portable_kbit.pipeline.checks.ACTIVATIONS)."""
     from ..pipeline.prepare import ACTIVATIONS
 
     modes = [mode.strip() for mode in str(text).split(",") if mode.strip()]

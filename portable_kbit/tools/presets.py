@@ -91,7 +91,7 @@ def _mistral_7b_config() -> Any:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "tiny",
-        "the tiny Llama of portable_kbit.tiny (hidden 128, 2 layers, vocab 256): seconds on a CPU",
+        "the tiny Llama of portable_kbit.tools.tiny (hidden 128, 2 layers, vocab 256): seconds on a CPU",
         _tiny_config,
         seq_len=32,
         steps=3,

@@ -14,7 +14,7 @@ import torch
 from .. import backends
 from ..backends import Backend
 
-#: quantizers the probe knows (the names of portable_kbit.tiny.QUANTIZERS, without "none")
+#: quantizers the probe knows (the names of portable_kbit.tools.tiny.QUANTIZERS, without "none")
 PROBED = ("bnb-nf4", "bnb-fp4", "bnb-8bit", "quanto-int4", "quanto-int8", "quanto-float8")
 
 #: the order tried for a backend name that is not registered (each Backend says its own: preferred_quantizers)
