@@ -4,7 +4,7 @@ import importlib
 from typing import Any
 
 from .backends import BackendUnavailableError, available_backends
-from .errors import MemoryPressureError
+from .errors import MemoryPressureError, NoQuantizedWeightWarning
 from .memory.forecast import Forecast, forecast
 from .memory.guard import CannotCapWarning, MemoryGuard, memory_guard
 from .memory.snapshots import MemorySnapshot, snapshot
@@ -24,6 +24,7 @@ __all__ = [
     "MemoryMonitor",
     "MemoryPressureError",
     "MemorySnapshot",
+    "NoQuantizedWeightWarning",
     "PeftArgumentWarning",
     "PeftPatch",
     "PrepReport",

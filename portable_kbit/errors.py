@@ -1,5 +1,5 @@
-"""The errors portable_kbit raises on purpose; every one is raised before the model is changed (or once it is
-restored)."""
+"""The errors and warnings portable_kbit raises on purpose; every error is raised before the model is changed (or
+once it is restored)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,9 @@ class MemoryPressureError(RuntimeError):
         super().__init__(message)
 
 
-__all__ = ["BackendUnavailableError", "MemoryPressureError"]
+class NoQuantizedWeightWarning(UserWarning):
+    """prepare() found no quantized weight in the model: it prepares it all the same, but what it saves is made for
+    quantized models (a half-precision model trains with LoRA without prepare() as well)."""
+
+
+__all__ = ["BackendUnavailableError", "MemoryPressureError", "NoQuantizedWeightWarning"]

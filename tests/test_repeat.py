@@ -95,7 +95,7 @@ def test_prepare_twice_is_idempotent(backend, device, arch, quantizer, upcast, f
     assert second.fp32_compute_norms == first.fp32_compute_norms
     assert override_depths(model) == depths, "stacked (or lost) instance forwards"
     assert second.input_guards == first.input_guards
-    assert "upcast 0 parameters" in second.summary()
+    assert "upcast 0 parameters" in second.summary() and second.upcast == []
     assert hooks_per_module(model) == hooks, "duplicate (or lost) hooks"
     now = model_state.take(model)
     assert now.params.keys() == state.params.keys()

@@ -38,3 +38,14 @@ def test_prepare_warns_nothing(backend, device, activations, wrapped, checkpoint
         )
     assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught] == []
     assert portable_kbit.report(model) is not None
+
+
+def test_a_model_without_quantized_weights_is_prepared_with_a_warning():
+    """A half-precision model (no quantization_config) is prepared all the same, with one warning that says why it
+    gains little, pointing at the caller's line."""
+    model = tiny.load(tiny.checkpoint("llama"), "none", "cpu")
+    with pytest.warns(portable_kbit.NoQuantizedWeightWarning, match="no quantized weight") as caught:
+        portable_kbit.prepare(model, target_modules=TARGETS)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    report = portable_kbit.report(model)
+    assert report is not None and report.skipped_quantized == 0 and report.upcast_norms

@@ -3,6 +3,7 @@ and the device to prepare on."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from .. import backends
 from ..backends import Target
+from ..errors import NoQuantizedWeightWarning
 from ..model.hf import hf_model, input_embeddings
 from ..model.index import ModelIndex
 from ..patches.token_blocks.plan import check_option as check_token_blocks
@@ -89,6 +91,20 @@ def check_model(model: Any) -> ModelIndex:
             "Load the model with from_pretrained(...) onto a real device before prepare()."
         )
     return index
+
+
+def warn_if_not_quantized(index: ModelIndex) -> None:
+    """A model without a quantized weight is prepared all the same, with a warning that says so (said once per call,
+    before any change)."""
+    if index.quantized:
+        return
+    warnings.warn(
+        "prepare() found no quantized weight in this model: it is prepared all the same (frozen base weights, fp32 "
+        "norms next to the adapters, gradient checkpointing), but portable_kbit is made for quantized models. For "
+        "QLoRA, load the model with a quantization_config (bitsandbytes 4-bit, optimum-quanto).",
+        NoQuantizedWeightWarning,
+        stacklevel=3,
+    )
 
 
 def check_checkpointing_support(model: nn.Module, enabled: bool, kwargs: dict | None) -> None:

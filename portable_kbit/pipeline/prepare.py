@@ -36,6 +36,7 @@ from .checks import (
     model_bytes,
     peft_positional_compat,
     resolve_target,
+    warn_if_not_quantized,
 )
 from .devices import (
     DeviceShare,
@@ -144,6 +145,7 @@ def prepare(
         token_blocks=token_blocks,
     )
     index = check_model(model)
+    warn_if_not_quantized(index)
     check_checkpointing_support(model, use_gradient_checkpointing, gradient_checkpointing_kwargs)
     target, move_to = resolve_target(index, device)
     targets = device_targets(target, index.devices, move_to)

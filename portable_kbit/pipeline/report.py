@@ -142,14 +142,17 @@ class PrepReport:
         def mib(value: int | None) -> str:
             return "n/a" if value is None else f"{value / MiB:+.1f} MiB"
 
+        quantizers = ", ".join(f"{n} {kind}" for kind, n in self.quantizers.items()) or "none"
         lines = [
             f"portable_kbit.prepare on {self.device} ({self.backend}): policy={self.policy}, "
             f"activations={self.activations}",
-            f"  upcast {len(self.upcast)} parameters, {len(self.upcast_norms)} norms in fp32 "
-            f"({len(self.fp32_compute_norms)} computed in fp32 at call time), "
-            f"{self.skipped_quantized} quantized parameters untouched, {self.input_guards} input casts, "
-            f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB, {self.seconds * 1000:.1f} ms "
-            f"({self.trace_seconds * 1000:.1f} ms of it tracing)",
+            f"  norms in fp32: {len(self.upcast_norms)} ({len(self.fp32_compute_norms)} computed in fp32 at call "
+            f"time from their own weights, no copy); upcast {len(self.upcast)} parameters to fp32, in "
+            f"{self.chunks} chunk(s) of <= {self.chunk_bytes / MiB:.0f} MiB",
+            f"  quantized parameters left untouched: {self.skipped_quantized} ({quantizers})",
+            f"  input casts: {self.input_guards} (layers that compute in their weight's dtype get their input cast "
+            "to it, and hand back the dtype they were given)",
+            f"  took {self.seconds * 1000:.1f} ms ({self.trace_seconds * 1000:.1f} ms of it tracing the forward)",
             f"  allocated {mib(self.allocated_delta)}, reserved {mib(self.reserved_delta)}, "
             f"peak allocated {mib(self.peak_allocated_delta)}, process RSS {mib(self.rss_delta)}",
         ]
