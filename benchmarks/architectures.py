@@ -27,7 +27,10 @@ Each type runs in its own subprocess with a timeout (one bad model does not stop
     python benchmarks/architectures.py                       # the full sweep -> benchmarks/results/architectures/
     python benchmarks/architectures.py --types gpt_oss,llama # a sample (its records replace those types' records)
     python benchmarks/architectures.py --table               # the summary table from the committed results
-    python benchmarks/architectures.py --readme README.md    # ... written into README.md's Architectures section
+    python benchmarks/architectures.py --write docs/architectures.md   # ... written between the page's table markers
+
+--write PATH replaces what stands between the markers ``<!-- architectures-table:start -->`` and
+``<!-- architectures-table:end -->`` in any markdown file (--readme PATH is its old name, still accepted).
 """
 
 from __future__ import annotations
@@ -1058,14 +1061,15 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
+def write_table(page: Path, table: str) -> None:
+    """Replace what stands between the MARKERS of a markdown page with the table."""
+    text = page.read_text()
     start, end = MARKERS
     if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} section")
+        raise SystemExit(f"{page} has no {start} ... {end} section")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    page.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -1078,7 +1082,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per type")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines; a sample replaces its types' records")
     parser.add_argument("--table", action="store_true", help="print the summary table of --out and stop")
-    parser.add_argument("--readme", type=Path, help="write the summary table of --out into this README and stop")
+    parser.add_argument(
+        "--write",
+        "--readme",
+        dest="write",
+        type=Path,
+        metavar="PATH",
+        help="write the summary table of --out between the table markers of this markdown page and stop "
+        "(docs/architectures.md; --readme is the old name)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one type, records to --records
     parser.add_argument("--modes", default=",".join(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--records", type=Path, help=argparse.SUPPRESS)
@@ -1093,10 +1105,10 @@ def main(argv: list[str] | None = None) -> int:
         records = run_type(args.one, args.modes.split(","))
         args.records.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
         return 0
-    if args.table or args.readme:
+    if args.table or args.write:
         table = summary(read(args.out))
-        if args.readme:
-            write_readme(args.readme, table)
+        if args.write:
+            write_table(args.write, table)
         else:
             print(table)
         return 0

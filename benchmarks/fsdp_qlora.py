@@ -1,5 +1,5 @@
 """QLoRA sharded with FSDP over N processes: peft's preparation and portable_kbit's, memory per rank, losses against
-one unsharded process (README, "Training across GPUs").
+one unsharded process (docs/multi-gpu.md).
 
     python -m portable_kbit compare small --build-preset      # once, before launching (mistral-7b: --device cuda)
     python benchmarks/fsdp_qlora.py --single --preset small --steps 3 --seq-len 128 --out benchmarks/results/cpu/fsdp

@@ -1,10 +1,13 @@
-"""Render benchmark results as the README's markdown table, each figure with its ratio to peft's:
+"""Render benchmark results as docs/benchmarks.md's markdown tables, each figure with its ratio to peft's:
 benchmarks/results/<run>/phases.jsonl (portable_kbit.compare), long_fit.jsonl (benchmarks/long_sequences.py: the
 longest sequence under an 8 GiB cap, with and without token blocks, and with expandable segments), prepare_time.jsonl
 (benchmarks/prepare_time.py) and curves.jsonl (benchmarks/loss_curves.py), where present.
 
     python benchmarks/table.py benchmarks/results/h100 benchmarks/results/cpu
-    python benchmarks/table.py --readme README.md benchmarks/results/h100 benchmarks/results/cpu   # rewrite in place
+    python benchmarks/table.py --write docs/benchmarks.md benchmarks/results/h100 benchmarks/results/cpu
+
+--write PATH replaces what stands between the markers ``<!-- benchmark-table:start -->`` and
+``<!-- benchmark-table:end -->`` in any markdown file (--readme PATH is its old name, still accepted).
 """
 
 from __future__ import annotations
@@ -197,23 +200,33 @@ def render(folders: list[Path]) -> str:
     return "\n\n".join(render_run(folder) for folder in folders)
 
 
-def write_into_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
+def write_into_page(page: Path, text: str) -> None:
+    """Replace what stands between the MARKERS of a markdown page with the tables."""
+    content = page.read_text()
     start, end = MARKERS
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(content):
-        raise SystemExit(f"{readme} has no {start} ... {end} section")
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
+        raise SystemExit(f"{page} has no {start} ... {end} section")
+    page.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument(
+        "--write",
+        "--readme",
+        dest="write",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the tables between the table markers of this markdown page (docs/benchmarks.md; "
+        "--readme is the old name)",
+    )
     args = parser.parse_args()
     text = render(args.folders)
-    if args.readme is not None:
-        write_into_readme(args.readme, text)
+    if args.write is not None:
+        write_into_page(args.write, text)
     print(text)
 
 

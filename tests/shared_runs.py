@@ -29,7 +29,7 @@ README_COMPARE = (
 )
 
 
-#: in README.md's "Will it fit?" block and checked by tests/test_cli.py
+#: in README.md's "Command line" block (and docs/will-it-fit.md) and checked by tests/test_cli.py
 README_FIT = (
     "fit",
     "tiny",

@@ -25,7 +25,7 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 # Seen on the H100 image (torch 2.11, CPU processes with gloo): with a bf16 param_dtype, FSDP2's all-gather changes
 # bytes of the bf16-packed NF4 weights (bitsandbytes issue 1945: NaN bit patterns canonicalized), in every mode, ours
 # or not, and the first loss moves by 3.6e-3. torch 2.13 keeps the bytes; so did torch 2.11 on an AMD EPYC (the CI
-# kind): it depends on the machine too, so the mark is not strict. The README says what to do.
+# kind): it depends on the machine too, so the mark is not strict. docs/multi-gpu.md says what to do.
 BF16_POLICY_CORRUPTS_NF4 = pytest.mark.xfail(
     tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
     reason="torch < 2.13 on some machines: FSDP2's bf16 all-gather changes bf16-packed NF4 bytes (bitsandbytes 1945)",
