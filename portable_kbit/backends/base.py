@@ -129,7 +129,7 @@ class Backend:
         basis = self.fraction_basis(device)
         return None if basis is None else int(fraction * basis)
 
-    #: what attention costs here when prepare() leaves q/k/v in fp32 (the report's attention reason, the README)
+    #: what attention costs here when prepare() leaves q/k/v in fp32 (the report's attention reason; docs/api.md)
     fp32_attention: str = "fp32 attention runs as transformers' sdpa calls it"
 
     def fp32_attention_needs_expanded_kv(

@@ -109,7 +109,7 @@ def prepare(
             no preparation), learns slightly slower in the first steps. Where q/k/v reach attention in fp32
             ("fp32", "layer", or ``upcast="peft"``) on transformers' sdpa attention, the model is switched to
             ``portable_kbit_sdpa``: sdpa, with k/v expanded to the query heads where the backend says fp32
-            grouped-query attention would otherwise leave the fused kernels (README).
+            grouped-query attention would otherwise leave the fused kernels (docs/api.md).
         frozen_norms: how a frozen norm the policy selects gets fp32. ``"compute"`` (default): it computes in fp32
             at call time from its bf16/fp16 parameters (exact in fp32), which keep their dtype: no new bytes, and
             nothing that FSDP, a checkpoint or an optimizer sees changes. ``"upcast"``: its parameters are cast to
