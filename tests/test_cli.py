@@ -3,6 +3,7 @@ point."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -10,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,142 @@ def test_child_processes_import_this_portable_kbit():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     location, tools = done.stdout.split()
     assert location == portable_kbit.__file__ and tools == "None"
+
+
+# ---- quiet runs: only the project's own output, unless --verbose ---------------------------------------------------
+
+#: what the libraries print on a first run that a user cannot act on (bitsandbytes' and torchao's import-time notices,
+#: the kernels package's, torch's deprecation of torchao's enum registration, transformers' progress bars and notices,
+#: library warnings)
+NOISE = (
+    "Failed to load",
+    "kernels-community",
+    "publisher trust",
+    "register_constant",
+    "_pytree.py",
+    "Writing model shards",
+    "Loading weights",
+    "it/s]",
+    "[transformers]",
+    "FutureWarning",
+    "DeprecationWarning",
+    "UserWarning",
+)
+
+
+@functools.cache
+def fresh_run(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m portable_kbit ARGV` in a fresh process that imports this checkout (bitsandbytes and torchao are
+    imported for the first time in it); presets cached in a fresh folder."""
+    from portable_kbit.tools.presets import child_env
+
+    args = list(argv)
+    if args[0] in ("compare", "fit"):
+        args += ["--cache-dir", tempfile.mkdtemp(prefix="portable_kbit_quiet_")]
+    return subprocess.run(
+        [sys.executable, "-m", "portable_kbit", *args], env=child_env(), capture_output=True, text=True, timeout=600
+    )
+
+
+QUIET_RUNS = {
+    "env": ("env",),
+    "demo": ("demo", "--steps", "1", "--device", "cpu"),
+    "compare": ("compare", "tiny", "--device", "cpu", "--variants", "ours-fp32", "--steps", "1", "--seq-len", "16"),
+    "fit": (
+        "fit",
+        "tiny",
+        "--device",
+        "cpu",
+        "--activations",
+        "native",
+        "--quantizer",
+        "bnb-nf4",
+        "--seq-lens",
+        "64",
+        "--budget",
+        "64MiB",
+        "--verify",
+    ),
+}
+
+
+def noise_in(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(marker in line for marker in NOISE)]
+
+
+@pytest.mark.parametrize("name", list(QUIET_RUNS))
+def test_first_run_prints_only_the_projects_own_output(name):
+    done = fresh_run(*QUIET_RUNS[name])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert noise_in(done.stdout) == [] and noise_in(done.stderr) == []
+    assert done.stdout.strip()
+
+
+def test_verbose_keeps_the_libraries_output():
+    quiet = fresh_run(*QUIET_RUNS["demo"])
+    loud = fresh_run(*QUIET_RUNS["demo"], "--verbose")
+    assert quiet.returncode == loud.returncode == 0, loud.stderr[-2000:]
+    assert noise_in(quiet.stderr) == []
+    kept = noise_in(loud.stderr)
+    assert kept, loud.stderr[-2000:]  # transformers' progress bars and notices at least
+    assert any("Loading weights" in line or "[transformers]" in line for line in kept), kept
+
+
+def test_quiet_drops_library_warnings_keeps_ours_and_puts_everything_back():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from portable_kbit import CannotCapWarning
+    from portable_kbit.tools.quiet import LOGGERS, quiet
+
+    before = (
+        warnings.showwarning,
+        list(warnings.filters),
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        [logging.getLogger(name).level for name in LOGGERS],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet():
+            assert not hf_logging.is_progress_bar_enabled()
+            assert all(logging.getLogger(name).level == logging.ERROR for name in LOGGERS)
+            warnings.warn_explicit("a library's deprecation", FutureWarning, "/x/site-packages/transformers/a.py", 1)
+            warnings.warn("the cpu backend cannot cap", CannotCapWarning, stacklevel=1)  # ours, by category
+            warnings.warn("portable_kbit: a module computes in fp32", stacklevel=1)  # ours, by message
+        with quiet(False):  # --verbose: the nested quiet() of the demo and the tiny models keeps everything
+            with quiet():
+                assert hf_logging.is_progress_bar_enabled() == before[3]
+                warnings.warn_explicit("kept", FutureWarning, "/x/site-packages/peft/b.py", 2)
+    assert [str(w.message) for w in caught] == [
+        "the cpu backend cannot cap",
+        "portable_kbit: a module computes in fp32",
+        "kept",
+    ]
+    after = (
+        warnings.showwarning,
+        list(warnings.filters),
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        [logging.getLogger(name).level for name in LOGGERS],
+    )
+    assert after == before
+
+
+def test_importing_the_package_and_its_tools_changes_no_logging_or_warnings():
+    from portable_kbit.tools.presets import child_env
+
+    code = (
+        "import logging, warnings\n"
+        "import torch, transformers.utils.logging\n"  # what they set up on import themselves
+        "filters, show = list(warnings.filters), warnings.showwarning\n"
+        "names = ('bitsandbytes', 'torchao', 'torch.utils._pytree', 'transformers')\n"
+        "levels = [logging.getLogger(n).level for n in names]\n"
+        "import portable_kbit, portable_kbit.tools.cli, portable_kbit.tools.tiny, portable_kbit.tools.demo\n"
+        "from transformers.utils import logging as hf\n"
+        "assert list(warnings.filters) == filters and warnings.showwarning is show\n"
+        "assert [logging.getLogger(n).level for n in names] == levels\n"
+        "assert hf.is_progress_bar_enabled()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, timeout=300)

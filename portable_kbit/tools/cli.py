@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
-import logging
 import math
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
@@ -26,9 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ..backends import BackendUnavailableError
+    from .quiet import quiet
 
     try:
-        with _quiet(not args.verbose):
+        with quiet(not args.verbose):
             return args.run(args)
     except (BackendUnavailableError, ValueError, RuntimeError, ImportError) as error:
         print(f"portable-kbit {args.command}: {error}", file=sys.stderr)
@@ -355,6 +353,7 @@ def run_compare(args: argparse.Namespace) -> int:
             args.memory_fraction,
             args.cache_dir,
             emit,
+            verbose=args.verbose,
         )
     finally:
         if out is not None:
@@ -431,6 +430,7 @@ def run_fit(args: argparse.Namespace) -> int:
                         args.batch_size,
                         forecast_record["budget_bytes"],
                         args.lora_rank,
+                        verbose=args.verbose,
                     )
                 )
     finally:
@@ -444,32 +444,3 @@ def run_fit(args: argparse.Namespace) -> int:
             print(f"plot: {args.plot}")
     failed = [r for r in records if r.get("kind") == "verify" and not r.get("fits")]
     return 1 if failed else 0
-
-
-@contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    """No progress bars, library warnings or bitsandbytes' import-time notices on the console (--verbose keeps
-    them); everything is put back afterwards, so main() can be called in-process."""
-    if not enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    # import-time notices: bitsandbytes' optional CPU kernels, torchao's optional extensions
-    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)

@@ -179,19 +179,26 @@ def verify_in_subprocess(
     cap_bytes: int | None,
     r: int = LORA_RANK,
     timeout: float | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """verify_length() in a fresh Python process (nothing cached from this one); its record, or one that says how
-    the process ended."""
+    the process ended. With `verbose` the child keeps the libraries' output (--verbose), copied to this stderr."""
     command = [sys.executable, "-m", "portable_kbit", "fit", path, "--verify-one", str(seq_len), "--activations"]
     command += [mode, "--device", device, "--batch-size", str(batch_size), "--lora-rank", str(r)]
     if quantizer:
         command += ["--quantizer", quantizer]
     if cap_bytes is not None:
         command += ["--budget", str(cap_bytes)]
+    if verbose:
+        command.append("--verbose")
     with tempfile.TemporaryFile(mode="w+") as errors:
         done = subprocess.run(
             command, stdout=subprocess.PIPE, stderr=errors, text=True, env=presets.child_env(), timeout=timeout
         )
+        if verbose:
+            errors.seek(0)
+            sys.stderr.write(errors.read())
+            sys.stderr.flush()
         for line in reversed(done.stdout.splitlines()):
             if line.startswith("{"):
                 try:
