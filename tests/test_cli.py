@@ -89,7 +89,10 @@ def test_compare_tiny_writes_json_lines_table_and_png():
     png, lines = run.workdir / "compare.png", run.workdir / "compare.jsonl"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     records = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert [json.loads(line) for line in run.out.splitlines() if line.startswith("{")] == records
+    # --json-out writes the JSON lines; stdout has the table and says where they went, without a JSON line
+    assert not [line for line in run.out.splitlines() if line.lstrip().startswith("{")], run.out
+    assert "JSON lines: compare.jsonl" in run.out and "plot: compare.png" in run.out
+    assert run.err.count("compare [") == 3  # a progress line per variant, on stderr
     assert not [r for r in records if "error" in r]
     phases = {(r["variant"], r["phase"]) for r in records}
     assert phases == {
@@ -317,6 +320,23 @@ def test_verbose_keeps_the_libraries_output():
     kept = noise_in(loud.stderr)
     assert kept, loud.stderr[-2000:]  # transformers' progress bars and notices at least
     assert any("Loading weights" in line or "[transformers]" in line for line in kept), kept
+
+
+def test_compare_prints_a_table_and_no_json_by_default():
+    done = fresh_run(*QUIET_RUNS["compare"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| variant |" in done.stdout and "| ours-fp32 |" in done.stdout
+    assert not [line for line in done.stdout.splitlines() if line.lstrip().startswith("{")]
+    assert "compare [1/1] ours-fp32: done" in done.stderr
+
+
+def test_compare_json_prints_only_json_lines(capsys, tmp_path):
+    argv = QUIET_RUNS["compare"][1:]
+    code, out, err = run_main(capsys, "compare", *argv, "--json", "--cache-dir", str(tmp_path))
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in out.splitlines()]  # every line is one
+    assert [r["phase"] for r in records] == ["start", "load", "prep", "lora", "train"]
+    assert "| variant |" not in out and "compare [" not in err
 
 
 def test_quiet_drops_library_warnings_keeps_ours_and_puts_everything_back():

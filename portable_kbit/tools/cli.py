@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"portable-kbit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{env,demo,compare,fit}")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, json_help: str = "machine-readable output") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.add_argument("--json", action="store_true", help=json_help)
         sub.add_argument("--verbose", action="store_true", help="keep the libraries' progress bars and warnings")
         return sub
 
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = command(
         "compare",
         "The same phases (load, prep, LoRA, train) for peft's prepare_model_for_kbit_training "
-        "and for portable_kbit.prepare, each variant in a fresh process; JSON lines and a table.",
+        "and for portable_kbit.prepare, each variant in a fresh process; a table (the records as JSON lines with "
+        "--json or --json-out), and a plot with --plot.",
+        "print the JSON lines (one per variant and phase) as they come, instead of the table",
     )
     comp.add_argument(
         "path_or_preset",
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap each variant's allocator at this fraction of the device (CUDA, ROCm, MPS)",
     )
-    comp.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
+    comp.add_argument(
+        "--json-out", default=None, metavar="FILE", help="write the JSON lines to FILE (the table is still printed)"
+    )
     comp.add_argument(
         "--plot",
         default=None,
@@ -334,10 +338,14 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
         raise ImportError("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
     out = open(args.json_out, "w") if args.json_out else None
+    progress = compare_view.Progress(len(variants))
 
     def emit(record: dict) -> None:
         line = json.dumps(record)
-        print(line, flush=True)
+        if args.json:  # machine-readable stdout: the JSON lines, as they come
+            print(line, flush=True)
+        else:
+            progress.seen(record)
         if out is not None:
             out.write(line + "\n")
             out.flush()
@@ -359,12 +367,13 @@ def run_compare(args: argparse.Namespace) -> int:
         if out is not None:
             out.close()
     if not args.json:
-        print()
         print(compare_view.table(records))
     if args.plot:
         compare_view.plot(records, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
+    if args.json_out and not args.json:
+        print(f"JSON lines: {args.json_out}")
     return 0 if records else 1
 
 

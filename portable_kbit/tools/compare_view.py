@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Sequence
 
 from ..constants import MiB
 from .compare import PHASES
+
+
+class Progress:
+    """One line on stderr as each variant's process ends (a comparison takes minutes on a big model)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.started = time.perf_counter()
+
+    def seen(self, record: dict) -> None:
+        """Called with every record as it comes; prints when a variant is done (its train phase) or failed."""
+        if record.get("phase") != "train" and "error" not in record:
+            return
+        self.done += 1
+        now = time.perf_counter()
+        verdict = "done" if "error" not in record else f"failed in {record['phase']}: {record['error']}"
+        print(
+            f"compare [{self.done}/{self.total}] {record.get('variant')}: {verdict} ({now - self.started:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.started = now
 
 
 def _by_variant(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
