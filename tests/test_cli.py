@@ -339,6 +339,51 @@ def test_compare_json_prints_only_json_lines(capsys, tmp_path):
     assert "| variant |" not in out and "compare [" not in err
 
 
+def test_compare_plot_shows_each_phase_above_the_loaded_model(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from portable_kbit.tools import compare_view
+
+    mib = 1 << 20
+    records = []
+    for variant, prep, peak in (("peft", 1200, 2200), ("ours-fp32", 2, 500)):
+        for phase, allocated, peak_allocated in (
+            ("start", 0, 0),
+            ("load", 4000, 4300),
+            ("prep", 4000 + prep, 4040 + prep),
+            ("lora", 4060 + prep, 4060 + prep),
+            ("train", 4080 + prep, 4000 + peak),
+        ):
+            records.append(
+                {
+                    "variant": variant,
+                    "phase": phase,
+                    "device": "cuda:0",
+                    "checkpoint": "/x/mistral-7b",
+                    "quantizer": "bnb-nf4",
+                    "steps": 5,
+                    "seq_len": 512,
+                    "allocated": allocated * mib,
+                    "reserved": (allocated + 100) * mib,
+                    "peak_allocated": peak_allocated * mib,
+                    "peak_reserved": (peak_allocated + 100) * mib,
+                }
+            )
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: saved.append(figure))
+    compare_view.plot(records, str(tmp_path / "c.png"))
+    (figure,) = saved
+    allocated = figure.axes[0]
+    assert [t.get_text() for t in allocated.get_xticklabels()] == ["prep", "lora", "train"]
+    assert "above the loaded model" in allocated.get_ylabel() and allocated.get_xlabel().startswith("phase")
+    heights = sorted(round(p.get_height()) for p in allocated.patches)  # ends and peaks, MiB above the load
+    assert heights == sorted([1200, 1240, 1260, 1260, 1280, 2200, 2, 42, 62, 62, 82, 500])
+    assert all(axis.get_legend() is None for axis in figure.axes) and len(figure.legends) == 1  # clear of bars
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "peft (loaded: 4,000.0 MiB allocated)" in labels
+    assert figure.get_suptitle().startswith("mistral-7b on cuda:0 (bnb-nf4), 5 steps x 512 tokens")
+
+
 def test_quiet_drops_library_warnings_keeps_ours_and_puts_everything_back():
     import logging
 

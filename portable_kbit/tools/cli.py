@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         default=None,
         metavar="FILE.png",
-        help="draw allocated/reserved per phase for each variant (needs matplotlib)",
+        help="draw what each phase adds to the loaded model, per variant: allocated and reserved, or process RSS "
+        "where the device has no allocator (needs matplotlib)",
     )
     comp.add_argument(
         "--cache-dir",
