@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,12 @@ def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
         assert record["longest_seq_len"] in (None, 256)  # the tiny config's maximum positions
         # the README's command names no device: "auto" (the GPU where there is one)
         assert f"activations={record['mode']}: fake step + calibration on {AUTO_DEVICE}" in run.out
-    assert run.out.count("| seq_len | predicted peak (MiB) |") == len(ACTIVATIONS)
+    assert run.out.count("| seq_len | predicted peak (MiB) | fits |\n") == len(ACTIVATIONS)
+    assert "measured" not in run.out  # no --verify: no measured columns
+    rows = [line for line in run.out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == len(ACTIVATIONS)
+    for row, record in zip(rows, records, strict=True):  # MiB with one decimal, as the plot shows them
+        assert row.split(" | ")[1] == f"{record['peak_bytes']['64'] / (1 << 20):.1f}", row
 
 
 def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsys):
@@ -382,6 +388,48 @@ def test_compare_plot_shows_each_phase_above_the_loaded_model(tmp_path, monkeypa
     labels = [t.get_text() for t in figure.legends[0].get_texts()]
     assert "peft (loaded: 4,000.0 MiB allocated)" in labels
     assert figure.get_suptitle().startswith("mistral-7b on cuda:0 (bnb-nf4), 5 steps x 512 tokens")
+
+
+def test_fit_verify_shows_measured_columns_and_says_why_the_longest_length_is_capped():
+    done = fresh_run(*QUIET_RUNS["fit"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "| seq_len | predicted peak (MiB) | fits | measured peak (MiB) | measured / predicted |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    _, _, predicted, fits, measured, ratio, _ = (cell.strip() for cell in row.split("|"))
+    assert re.fullmatch(r"\d+\.\d", predicted) and re.fullmatch(r"\d+\.\d", measured) and fits == "yes", row
+    assert re.fullmatch(r"\d\.\d{3}", ratio), row
+    # 64 MiB holds far more than 256 tokens of the tiny model: its config's 256 positions are the limit
+    assert (
+        "longest sequence that fits: 256 (capped by the model's maximum positions: 256 in its config; "
+        "memory is not the limit)" in out
+    )
+
+
+def test_fit_table_says_capped_only_at_the_ceiling():
+    from portable_kbit.tools import fit
+
+    record = {
+        "kind": "forecast",
+        "mode": "fp32",
+        "method": "fake step",
+        "device": "cpu",
+        "seconds": 1.0,
+        "budget_bytes": 8 << 30,
+        "budget_source": "argument",
+        "peak_bytes": {"512": 3 << 30},
+        "longest_seq_len": 4096,
+        "max_seq_len": 4096,
+        "max_positions": 4096,
+        "notes": [],
+    }
+    assert fit.capped_by(record) == "capped by the model's maximum positions: 4096 in its config"
+    assert "| 512 | 3072.0 | yes |" in fit.table([record]) and "measured" not in fit.table([record])
+    assert "measured peak (MiB)" in fit.table([record], verify=True)
+    assert fit.capped_by({**record, "max_positions": None}).startswith("capped by the search's ceiling, 4096")
+    assert fit.capped_by({**record, "longest_seq_len": 3840}) is None  # memory decided: 4096 did not fit
+    assert "longest sequence that fits: 3840\n" in fit.table([{**record, "longest_seq_len": 3840}]) + "\n"
+    assert fit.capped_by({**record, "longest_seq_len": None}) is None
 
 
 def test_quiet_drops_library_warnings_keeps_ours_and_puts_everything_back():

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Will it fit? Per activations mode: load, prepare, LoRA r16, forecast the training-step peak per sequence "
         "length and the longest length under a budget; a table, a plot, and with --verify real steps in fresh "
         "processes.",
+        "print the JSON lines (one per forecast and per verified length) instead of the tables",
     )
     fit.add_argument(
         "path_or_preset",
@@ -154,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="also run real steps at the lengths forecast to fit, each in a fresh process capped at the budget "
-        "(memory_guard) where the device can be capped",
+        "(memory_guard) where the device can be capped; the tables gain the measured columns",
     )
     fit.add_argument("--plot", default=None, metavar="FILE.png", help="draw predicted peak vs length (matplotlib)")
-    fit.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
+    fit.add_argument(
+        "--json-out", default=None, metavar="FILE", help="write the JSON lines to FILE (the tables are still printed)"
+    )
     fit.add_argument(
         "--cache-dir",
         default=None,
@@ -447,10 +450,12 @@ def run_fit(args: argparse.Namespace) -> int:
         if out is not None:
             out.close()
     if not args.json:
-        print(fit.table(records))
+        print(fit.table(records, verify=args.verify))
     if args.plot:
         fit.plot(records, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
+    if args.json_out and not args.json:
+        print(f"JSON lines: {args.json_out}")
     failed = [r for r in records if r.get("kind") == "verify" and not r.get("fits")]
     return 1 if failed else 0
