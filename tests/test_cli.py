@@ -490,3 +490,43 @@ def test_importing_the_package_and_its_tools_changes_no_logging_or_warnings():
         "assert hf.is_progress_bar_enabled()\n"
     )
     subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, timeout=300)
+
+
+# ---- help texts ----------------------------------------------------------------------------------------------------
+
+
+def help_text(capsys, monkeypatch, command: str) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # no line breaks inside a hyphenated name
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "compare", "fit"])
+def test_help_lists_the_choices(capsys, monkeypatch, command):
+    from portable_kbit.pipeline.checks import ACTIVATIONS
+    from portable_kbit.tools.compare import VARIANTS
+    from portable_kbit.tools.quantizer_probe import PROBED
+    from portable_kbit.tools.tiny import QUANTIZERS
+
+    text = help_text(capsys, monkeypatch, command)
+    assert set(PROBED) <= set(QUANTIZERS)
+    assert all(quantizer in text for quantizer in QUANTIZERS), text
+    assert "auto (default), cuda, cuda:N, rocm, mps or cpu" in text
+    if command in ("demo", "fit"):
+        assert f"one of {', '.join(ACTIVATIONS)}" in text or f"from: {', '.join(ACTIVATIONS)}" in text, text
+    if command == "compare":
+        assert f"from: {', '.join(VARIANTS)}" in text
+
+
+def test_demo_takes_every_activations_mode_and_the_quantizers_are_checked():
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo", "--activations", "layer"]).activations == "layer"
+    for argv in (
+        ["demo", "--quantizer", "bnb-nf5"],
+        ["fit", "tiny", "--quantizer", "x"],
+        ["compare", "t", "--quantizer", "x"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     from ..pipeline.prepare import ACTIVATIONS
     from . import presets
     from .compare import DEFAULT_VARIANTS, VARIANTS
+    from .tiny import QUANTIZERS
+
+    def quantizer_option(sub: argparse.ArgumentParser, default_text: str) -> None:
+        sub.add_argument(
+            "--quantizer",
+            default=None,
+            choices=QUANTIZERS,
+            metavar="QUANTIZER",
+            help=f"one of: {', '.join(QUANTIZERS)} ('none': bf16, not quantized); default: {default_text}",
+        )
 
     parser = argparse.ArgumentParser(prog="portable-kbit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portable-kbit {__version__}")
@@ -64,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
     demo.add_argument("--steps", type=int, default=5, help="optimizer steps (default 5)")
-    demo.add_argument("--quantizer", default=None, help="default: the first that works here (bnb-nf4, quanto-int4)")
-    demo.add_argument("--activations", default="fp32", choices=("fp32", "native"), help="prepare(activations=...)")
+    quantizer_option(demo, "the first that works here (bnb-nf4, else quanto-int4)")
+    demo.add_argument(
+        "--activations",
+        default="fp32",
+        choices=ACTIVATIONS,
+        help=f"prepare(activations=...): one of {', '.join(ACTIVATIONS)} (default fp32)",
+    )
     demo.set_defaults(run=run_demo)
 
     comp = command(
@@ -88,11 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, from: {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
-    comp.add_argument(
-        "--quantizer",
-        default=None,
-        help="default: bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it",
-    )
+    quantizer_option(comp, "bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it")
     comp.add_argument(
         "--memory-fraction",
         type=float,
@@ -133,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a local checkpoint folder or a preset: {', '.join(presets.PRESETS)} (random bf16 weights, cached)",
     )
     fit.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
-    fit.add_argument("--quantizer", default=None, help="e.g. bnb-nf4 (default: the first that works here)")
+    quantizer_option(fit, "bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it")
     fit.add_argument(
         "--activations",
         default=",".join(ACTIVATIONS),
