@@ -3,13 +3,17 @@ point."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,7 +90,10 @@ def test_compare_tiny_writes_json_lines_table_and_png():
     png, lines = run.workdir / "compare.png", run.workdir / "compare.jsonl"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     records = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert [json.loads(line) for line in run.out.splitlines() if line.startswith("{")] == records
+    # --json-out writes the JSON lines; stdout has the table and says where they went, without a JSON line
+    assert not [line for line in run.out.splitlines() if line.lstrip().startswith("{")], run.out
+    assert "JSON lines: compare.jsonl" in run.out and "plot: compare.png" in run.out
+    assert run.err.count("compare [") == 3  # a progress line per variant, on stderr
     assert not [r for r in records if "error" in r]
     phases = {(r["variant"], r["phase"]) for r in records}
     assert phases == {
@@ -141,7 +148,12 @@ def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
         assert record["longest_seq_len"] in (None, 256)  # the tiny config's maximum positions
         # the README's command names no device: "auto" (the GPU where there is one)
         assert f"activations={record['mode']}: fake step + calibration on {AUTO_DEVICE}" in run.out
-    assert run.out.count("| seq_len | predicted peak (MiB) |") == len(ACTIVATIONS)
+    assert run.out.count("| seq_len | predicted peak (MiB) | fits |\n") == len(ACTIVATIONS)
+    assert "measured" not in run.out  # no --verify: no measured columns
+    rows = [line for line in run.out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == len(ACTIVATIONS)
+    for row, record in zip(rows, records, strict=True):  # MiB with one decimal, as the plot shows them
+        assert row.split(" | ")[1] == f"{record['peak_bytes']['64'] / (1 << 20):.1f}", row
 
 
 def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsys):
@@ -235,3 +247,286 @@ def test_child_processes_import_this_portable_kbit():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     location, tools = done.stdout.split()
     assert location == portable_kbit.__file__ and tools == "None"
+
+
+# ---- quiet runs: only the project's own output, unless --verbose ---------------------------------------------------
+
+#: what the libraries print on a first run that a user cannot act on (bitsandbytes' and torchao's import-time notices,
+#: the kernels package's, torch's deprecation of torchao's enum registration, transformers' progress bars and notices,
+#: library warnings)
+NOISE = (
+    "Failed to load",
+    "kernels-community",
+    "publisher trust",
+    "register_constant",
+    "_pytree.py",
+    "Writing model shards",
+    "Loading weights",
+    "it/s]",
+    "[transformers]",
+    "FutureWarning",
+    "DeprecationWarning",
+    "UserWarning",
+)
+
+
+@functools.cache
+def fresh_run(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m portable_kbit ARGV` in a fresh process that imports this checkout (bitsandbytes and torchao are
+    imported for the first time in it); presets cached in a fresh folder."""
+    from portable_kbit.tools.presets import child_env
+
+    args = list(argv)
+    if args[0] in ("compare", "fit"):
+        args += ["--cache-dir", tempfile.mkdtemp(prefix="portable_kbit_quiet_")]
+    return subprocess.run(
+        [sys.executable, "-m", "portable_kbit", *args], env=child_env(), capture_output=True, text=True, timeout=600
+    )
+
+
+QUIET_RUNS = {
+    "env": ("env",),
+    "demo": ("demo", "--steps", "1", "--device", "cpu"),
+    "compare": ("compare", "tiny", "--device", "cpu", "--variants", "ours-fp32", "--steps", "1", "--seq-len", "16"),
+    "fit": (
+        "fit",
+        "tiny",
+        "--device",
+        "cpu",
+        "--activations",
+        "native",
+        "--quantizer",
+        "bnb-nf4",
+        "--seq-lens",
+        "64",
+        "--budget",
+        "64MiB",
+        "--verify",
+    ),
+}
+
+
+def noise_in(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(marker in line for marker in NOISE)]
+
+
+@pytest.mark.parametrize("name", list(QUIET_RUNS))
+def test_first_run_prints_only_the_projects_own_output(name):
+    done = fresh_run(*QUIET_RUNS[name])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert noise_in(done.stdout) == [] and noise_in(done.stderr) == []
+    assert done.stdout.strip()
+
+
+def test_verbose_keeps_the_libraries_output():
+    quiet = fresh_run(*QUIET_RUNS["demo"])
+    loud = fresh_run(*QUIET_RUNS["demo"], "--verbose")
+    assert quiet.returncode == loud.returncode == 0, loud.stderr[-2000:]
+    assert noise_in(quiet.stderr) == []
+    kept = noise_in(loud.stderr)
+    assert kept, loud.stderr[-2000:]  # transformers' progress bars and notices at least
+    assert any("Loading weights" in line or "[transformers]" in line for line in kept), kept
+
+
+def test_compare_prints_a_table_and_no_json_by_default():
+    done = fresh_run(*QUIET_RUNS["compare"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| variant |" in done.stdout and "| ours-fp32 |" in done.stdout
+    assert not [line for line in done.stdout.splitlines() if line.lstrip().startswith("{")]
+    assert "compare [1/1] ours-fp32: done" in done.stderr
+
+
+def test_compare_json_prints_only_json_lines(capsys, tmp_path):
+    argv = QUIET_RUNS["compare"][1:]
+    code, out, err = run_main(capsys, "compare", *argv, "--json", "--cache-dir", str(tmp_path))
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in out.splitlines()]  # every line is one
+    assert [r["phase"] for r in records] == ["start", "load", "prep", "lora", "train"]
+    assert "| variant |" not in out and "compare [" not in err
+
+
+def test_compare_plot_shows_each_phase_above_the_loaded_model(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from portable_kbit.tools import compare_view
+
+    mib = 1 << 20
+    records = []
+    for variant, prep, peak in (("peft", 1200, 2200), ("ours-fp32", 2, 500)):
+        for phase, allocated, peak_allocated in (
+            ("start", 0, 0),
+            ("load", 4000, 4300),
+            ("prep", 4000 + prep, 4040 + prep),
+            ("lora", 4060 + prep, 4060 + prep),
+            ("train", 4080 + prep, 4000 + peak),
+        ):
+            records.append(
+                {
+                    "variant": variant,
+                    "phase": phase,
+                    "device": "cuda:0",
+                    "checkpoint": "/x/mistral-7b",
+                    "quantizer": "bnb-nf4",
+                    "steps": 5,
+                    "seq_len": 512,
+                    "allocated": allocated * mib,
+                    "reserved": (allocated + 100) * mib,
+                    "peak_allocated": peak_allocated * mib,
+                    "peak_reserved": (peak_allocated + 100) * mib,
+                }
+            )
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: saved.append(figure))
+    compare_view.plot(records, str(tmp_path / "c.png"))
+    (figure,) = saved
+    allocated = figure.axes[0]
+    assert [t.get_text() for t in allocated.get_xticklabels()] == ["prep", "lora", "train"]
+    assert "above the loaded model" in allocated.get_ylabel() and allocated.get_xlabel().startswith("phase")
+    heights = sorted(round(p.get_height()) for p in allocated.patches)  # ends and peaks, MiB above the load
+    assert heights == sorted([1200, 1240, 1260, 1260, 1280, 2200, 2, 42, 62, 62, 82, 500])
+    assert all(axis.get_legend() is None for axis in figure.axes) and len(figure.legends) == 1  # clear of bars
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "peft (loaded: 4,000.0 MiB allocated)" in labels
+    assert figure.get_suptitle().startswith("mistral-7b on cuda:0 (bnb-nf4), 5 steps x 512 tokens")
+
+
+def test_fit_verify_shows_measured_columns_and_says_why_the_longest_length_is_capped():
+    done = fresh_run(*QUIET_RUNS["fit"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "| seq_len | predicted peak (MiB) | fits | measured peak (MiB) | measured / predicted |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    _, _, predicted, fits, measured, ratio, _ = (cell.strip() for cell in row.split("|"))
+    assert re.fullmatch(r"\d+\.\d", predicted) and re.fullmatch(r"\d+\.\d", measured) and fits == "yes", row
+    assert re.fullmatch(r"\d\.\d{3}", ratio), row
+    # 64 MiB holds far more than 256 tokens of the tiny model: its config's 256 positions are the limit
+    assert (
+        "longest sequence that fits: 256 (capped by the model's maximum positions: 256 in its config; "
+        "memory is not the limit)" in out
+    )
+
+
+def test_fit_table_says_capped_only_at_the_ceiling():
+    from portable_kbit.tools import fit
+
+    record = {
+        "kind": "forecast",
+        "mode": "fp32",
+        "method": "fake step",
+        "device": "cpu",
+        "seconds": 1.0,
+        "budget_bytes": 8 << 30,
+        "budget_source": "argument",
+        "peak_bytes": {"512": 3 << 30},
+        "longest_seq_len": 4096,
+        "max_seq_len": 4096,
+        "max_positions": 4096,
+        "notes": [],
+    }
+    assert fit.capped_by(record) == "capped by the model's maximum positions: 4096 in its config"
+    assert "| 512 | 3072.0 | yes |" in fit.table([record]) and "measured" not in fit.table([record])
+    assert "measured peak (MiB)" in fit.table([record], verify=True)
+    assert fit.capped_by({**record, "max_positions": None}).startswith("capped by the search's ceiling, 4096")
+    assert fit.capped_by({**record, "longest_seq_len": 3840}) is None  # memory decided: 4096 did not fit
+    assert "longest sequence that fits: 3840\n" in fit.table([{**record, "longest_seq_len": 3840}]) + "\n"
+    assert fit.capped_by({**record, "longest_seq_len": None}) is None
+
+
+def test_quiet_drops_library_warnings_keeps_ours_and_puts_everything_back():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from portable_kbit import CannotCapWarning
+    from portable_kbit.tools.quiet import LOGGERS, quiet
+
+    before = (
+        warnings.showwarning,
+        list(warnings.filters),
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        [logging.getLogger(name).level for name in LOGGERS],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet():
+            assert not hf_logging.is_progress_bar_enabled()
+            assert all(logging.getLogger(name).level == logging.ERROR for name in LOGGERS)
+            warnings.warn_explicit("a library's deprecation", FutureWarning, "/x/site-packages/transformers/a.py", 1)
+            warnings.warn("the cpu backend cannot cap", CannotCapWarning, stacklevel=1)  # ours, by category
+            warnings.warn("portable_kbit: a module computes in fp32", stacklevel=1)  # ours, by message
+        with quiet(False):  # --verbose: the nested quiet() of the demo and the tiny models keeps everything
+            with quiet():
+                assert hf_logging.is_progress_bar_enabled() == before[3]
+                warnings.warn_explicit("kept", FutureWarning, "/x/site-packages/peft/b.py", 2)
+    assert [str(w.message) for w in caught] == [
+        "the cpu backend cannot cap",
+        "portable_kbit: a module computes in fp32",
+        "kept",
+    ]
+    after = (
+        warnings.showwarning,
+        list(warnings.filters),
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        [logging.getLogger(name).level for name in LOGGERS],
+    )
+    assert after == before
+
+
+def test_importing_the_package_and_its_tools_changes_no_logging_or_warnings():
+    from portable_kbit.tools.presets import child_env
+
+    code = (
+        "import logging, warnings\n"
+        "import torch, transformers.utils.logging\n"  # what they set up on import themselves
+        "filters, show = list(warnings.filters), warnings.showwarning\n"
+        "names = ('bitsandbytes', 'torchao', 'torch.utils._pytree', 'transformers')\n"
+        "levels = [logging.getLogger(n).level for n in names]\n"
+        "import portable_kbit, portable_kbit.tools.cli, portable_kbit.tools.tiny, portable_kbit.tools.demo\n"
+        "from transformers.utils import logging as hf\n"
+        "assert list(warnings.filters) == filters and warnings.showwarning is show\n"
+        "assert [logging.getLogger(n).level for n in names] == levels\n"
+        "assert hf.is_progress_bar_enabled()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, timeout=300)
+
+
+# ---- help texts ----------------------------------------------------------------------------------------------------
+
+
+def help_text(capsys, monkeypatch, command: str) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # no line breaks inside a hyphenated name
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "compare", "fit"])
+def test_help_lists_the_choices(capsys, monkeypatch, command):
+    from portable_kbit.pipeline.checks import ACTIVATIONS
+    from portable_kbit.tools.compare import VARIANTS
+    from portable_kbit.tools.quantizer_probe import PROBED
+    from portable_kbit.tools.tiny import QUANTIZERS
+
+    text = help_text(capsys, monkeypatch, command)
+    assert set(PROBED) <= set(QUANTIZERS)
+    assert all(quantizer in text for quantizer in QUANTIZERS), text
+    assert "auto (default), cuda, cuda:N, rocm, mps or cpu" in text
+    if command in ("demo", "fit"):
+        assert f"one of {', '.join(ACTIVATIONS)}" in text or f"from: {', '.join(ACTIVATIONS)}" in text, text
+    if command == "compare":
+        assert f"from: {', '.join(VARIANTS)}" in text
+
+
+def test_demo_takes_every_activations_mode_and_the_quantizers_are_checked():
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo", "--activations", "layer"]).activations == "layer"
+    for argv in (
+        ["demo", "--quantizer", "bnb-nf5"],
+        ["fit", "tiny", "--quantizer", "x"],
+        ["compare", "t", "--quantizer", "x"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

@@ -168,7 +168,7 @@ def forecast(
     lengths = check_request(model, seq_lens, batch_size, budget_bytes, method, max_seq_len, calibrate)
     started = time.perf_counter()
     target = _target_of(model, device)
-    ceiling = max_seq_len or _max_positions(model) or DEFAULT_MAX_SEQ_LEN
+    ceiling = max_seq_len or max_positions(model) or DEFAULT_MAX_SEQ_LEN
     calibration_len = min(CALIBRATION_SEQ_LEN, *lengths)
     before = snapshots.take(target)
     notes: list[str] = []
@@ -355,7 +355,9 @@ def _target_of(model: nn.Module, device: str | torch.device) -> Target:
     return target
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings, n_positions or max_sequence_length);
+    None where it names none. forecast() searches longest_seq_len up to it."""
     config = getattr(hf_model(model), "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
@@ -427,12 +429,14 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 __all__ = [
+    "DEFAULT_MAX_SEQ_LEN",
     "DEFAULT_SEQ_LENS",
     "MAX_SEARCH_STEPS",
     "Forecast",
     "MeasuredStep",
     "forecast",
     "longest_fitting",
+    "max_positions",
     "measure_step",
     "token_for",
 ]

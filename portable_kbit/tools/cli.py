@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
-import logging
 import math
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
@@ -26,9 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ..backends import BackendUnavailableError
+    from .quiet import quiet
 
     try:
-        with _quiet(not args.verbose):
+        with quiet(not args.verbose):
             return args.run(args)
     except (BackendUnavailableError, ValueError, RuntimeError, ImportError) as error:
         print(f"portable-kbit {args.command}: {error}", file=sys.stderr)
@@ -41,14 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     from ..pipeline.prepare import ACTIVATIONS
     from . import presets
     from .compare import DEFAULT_VARIANTS, VARIANTS
+    from .tiny import QUANTIZERS
+
+    def quantizer_option(sub: argparse.ArgumentParser, default_text: str) -> None:
+        sub.add_argument(
+            "--quantizer",
+            default=None,
+            choices=QUANTIZERS,
+            metavar="QUANTIZER",
+            help=f"one of: {', '.join(QUANTIZERS)} ('none': bf16, not quantized); default: {default_text}",
+        )
 
     parser = argparse.ArgumentParser(prog="portable-kbit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portable-kbit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{env,demo,compare,fit}")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, json_help: str = "machine-readable output") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.add_argument("--json", action="store_true", help=json_help)
         sub.add_argument("--verbose", action="store_true", help="keep the libraries' progress bars and warnings")
         return sub
 
@@ -66,14 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
     demo.add_argument("--steps", type=int, default=5, help="optimizer steps (default 5)")
-    demo.add_argument("--quantizer", default=None, help="default: the first that works here (bnb-nf4, quanto-int4)")
-    demo.add_argument("--activations", default="fp32", choices=("fp32", "native"), help="prepare(activations=...)")
+    quantizer_option(demo, "the first that works here (bnb-nf4, else quanto-int4)")
+    demo.add_argument(
+        "--activations",
+        default="fp32",
+        choices=ACTIVATIONS,
+        help=f"prepare(activations=...): one of {', '.join(ACTIVATIONS)} (default fp32)",
+    )
     demo.set_defaults(run=run_demo)
 
     comp = command(
         "compare",
         "The same phases (load, prep, LoRA, train) for peft's prepare_model_for_kbit_training "
-        "and for portable_kbit.prepare, each variant in a fresh process; JSON lines and a table.",
+        "and for portable_kbit.prepare, each variant in a fresh process; a table (the records as JSON lines with "
+        "--json or --json-out), and a plot with --plot.",
+        "print the JSON lines (one per variant and phase) as they come, instead of the table",
     )
     comp.add_argument(
         "path_or_preset",
@@ -88,23 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, from: {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
-    comp.add_argument(
-        "--quantizer",
-        default=None,
-        help="default: bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it",
-    )
+    quantizer_option(comp, "bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it")
     comp.add_argument(
         "--memory-fraction",
         type=float,
         default=None,
         help="cap each variant's allocator at this fraction of the device (CUDA, ROCm, MPS)",
     )
-    comp.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
+    comp.add_argument(
+        "--json-out", default=None, metavar="FILE", help="write the JSON lines to FILE (the table is still printed)"
+    )
     comp.add_argument(
         "--plot",
         default=None,
         metavar="FILE.png",
-        help="draw allocated/reserved per phase for each variant (needs matplotlib)",
+        help="draw what each phase adds to the loaded model, per variant: allocated and reserved, or process RSS "
+        "where the device has no allocator (needs matplotlib)",
     )
     comp.add_argument(
         "--cache-dir",
@@ -123,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Will it fit? Per activations mode: load, prepare, LoRA r16, forecast the training-step peak per sequence "
         "length and the longest length under a budget; a table, a plot, and with --verify real steps in fresh "
         "processes.",
+        "print the JSON lines (one per forecast and per verified length) instead of the tables",
     )
     fit.add_argument(
         "path_or_preset",
         help=f"a local checkpoint folder or a preset: {', '.join(presets.PRESETS)} (random bf16 weights, cached)",
     )
     fit.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, rocm, mps or cpu")
-    fit.add_argument("--quantizer", default=None, help="e.g. bnb-nf4 (default: the first that works here)")
+    quantizer_option(fit, "bnb-nf4 where bitsandbytes is installed, quanto-int4 on MPS or without it")
     fit.add_argument(
         "--activations",
         default=",".join(ACTIVATIONS),
@@ -151,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="also run real steps at the lengths forecast to fit, each in a fresh process capped at the budget "
-        "(memory_guard) where the device can be capped",
+        "(memory_guard) where the device can be capped; the tables gain the measured columns",
     )
     fit.add_argument("--plot", default=None, metavar="FILE.png", help="draw predicted peak vs length (matplotlib)")
-    fit.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON lines to FILE")
+    fit.add_argument(
+        "--json-out", default=None, metavar="FILE", help="write the JSON lines to FILE (the tables are still printed)"
+    )
     fit.add_argument(
         "--cache-dir",
         default=None,
@@ -336,10 +353,14 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
         raise ImportError("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
     out = open(args.json_out, "w") if args.json_out else None
+    progress = compare_view.Progress(len(variants))
 
     def emit(record: dict) -> None:
         line = json.dumps(record)
-        print(line, flush=True)
+        if args.json:  # machine-readable stdout: the JSON lines, as they come
+            print(line, flush=True)
+        else:
+            progress.seen(record)
         if out is not None:
             out.write(line + "\n")
             out.flush()
@@ -355,17 +376,19 @@ def run_compare(args: argparse.Namespace) -> int:
             args.memory_fraction,
             args.cache_dir,
             emit,
+            verbose=args.verbose,
         )
     finally:
         if out is not None:
             out.close()
     if not args.json:
-        print()
         print(compare_view.table(records))
     if args.plot:
         compare_view.plot(records, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
+    if args.json_out and not args.json:
+        print(f"JSON lines: {args.json_out}")
     return 0 if records else 1
 
 
@@ -431,45 +454,19 @@ def run_fit(args: argparse.Namespace) -> int:
                         args.batch_size,
                         forecast_record["budget_bytes"],
                         args.lora_rank,
+                        verbose=args.verbose,
                     )
                 )
     finally:
         if out is not None:
             out.close()
     if not args.json:
-        print(fit.table(records))
+        print(fit.table(records, verify=args.verify))
     if args.plot:
         fit.plot(records, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
+    if args.json_out and not args.json:
+        print(f"JSON lines: {args.json_out}")
     failed = [r for r in records if r.get("kind") == "verify" and not r.get("fits")]
     return 1 if failed else 0
-
-
-@contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    """No progress bars, library warnings or bitsandbytes' import-time notices on the console (--verbose keeps
-    them); everything is put back afterwards, so main() can be called in-process."""
-    if not enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    # import-time notices: bitsandbytes' optional CPU kernels, torchao's optional extensions
-    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)

@@ -280,9 +280,12 @@ def run_in_subprocess(
     timeout: float | None = None,
     data_seed: int = 1,
     env: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one).
-    `env`: extra environment variables for the child (PYTORCH_CUDA_ALLOC_CONF, say)."""
+    `env`: extra environment variables for the child (PYTORCH_CUDA_ALLOC_CONF, say). The child's stderr is kept
+    aside (its last line explains a crash); with `verbose`, the child keeps the libraries' output (--verbose) and
+    its stderr is copied to this process's stderr when it ends."""
     command = [
         sys.executable,
         "-m",
@@ -306,6 +309,8 @@ def run_in_subprocess(
         command += ["--memory-fraction", str(memory_fraction)]
     if data_seed != 1:
         command += ["--data-seed", str(data_seed)]
+    if verbose:
+        command.append("--verbose")
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryFile(mode="w+") as errors:
         process = subprocess.Popen(
@@ -325,6 +330,10 @@ def run_in_subprocess(
                 if emit is not None:
                     emit(record)
         code = process.wait(timeout=timeout)
+        if verbose:
+            errors.seek(0)
+            sys.stderr.write(errors.read())
+            sys.stderr.flush()
         if code != 0 and not any("error" in r for r in records):
             errors.seek(0)
             tail = errors.read()[-2000:].strip().splitlines()
@@ -351,11 +360,14 @@ def compare(
     memory_fraction: float | None = None,
     cache_dir: str | None = None,
     emit: Callable[[dict], None] | None = None,
+    *,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Every variant in its own process on a local checkpoint or a preset; all their phase records.
 
     steps and seq_len default to the preset's (3 and 32 for "tiny", 5 and 512 for "mistral-7b"; 5 and 512 for a
     local checkpoint). This process never touches the accelerator: each child measures from a clean allocator.
+    `verbose`: the children keep the libraries' output and pass it on (run_in_subprocess()).
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -369,7 +381,9 @@ def compare(
     targets = lora_targets(path)
     records: list[dict[str, Any]] = []
     for variant in variants:
-        records += run_in_subprocess(path, variant, device, steps, seq_len, quantizer, targets, memory_fraction, emit)
+        records += run_in_subprocess(
+            path, variant, device, steps, seq_len, quantizer, targets, memory_fraction, emit, verbose=verbose
+        )
     return records
 
 

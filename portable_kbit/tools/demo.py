@@ -12,6 +12,7 @@ from .. import backends
 from ..pipeline.prepare import prepare, report
 from . import quantizer_probe as quantizers
 from . import tiny
+from .quiet import quiet
 
 ARCH = "llama"
 CHECKPOINTING = {"use_reentrant": False}
@@ -32,16 +33,25 @@ def run(
         steps: optimizer steps on one random sequence (a memorization task: the loss must fall).
         quantizer: one of portable_kbit.tools.tiny.QUANTIZERS; None: the first that works here
             (bitsandbytes nf4 on CUDA, ROCm and CPU; optimum-quanto int4 on MPS and as the fallback).
-        activations: passed to prepare() ("fp32" or "native").
+        activations: passed to prepare() (one of portable_kbit.pipeline.checks.ACTIVATIONS: "fp32", "layer",
+            "native").
         lr: AdamW learning rate (high, so that a few steps show the loss falling).
         seq_len: tokens in the training sequence.
 
     Returns:
         a dict: "report" (the PrepReport), "losses" (floats, one per step), "device" (the torch device string),
         "backend", "quantizer", "model" (the trained PeftModel) and "seconds" (wall time of the whole job).
+
+    The libraries' progress bars, notices and warnings are kept off the console meanwhile (portable_kbit.tools.quiet;
+    wrap the call in ``quiet(False)`` to see them); portable_kbit's own warnings still show.
     """
     if steps < 1:
         raise ValueError(f"steps={steps!r}: train at least one step")
+    with quiet():
+        return _run(device, steps, quantizer, activations, lr, seq_len)
+
+
+def _run(device: str, steps: int, quantizer: str | None, activations: str, lr: float, seq_len: int) -> dict[str, Any]:
     started = time.perf_counter()
     target = backends.resolve(device)
     torch_device = str(target.device)

@@ -21,8 +21,9 @@ import torch
 
 from .. import backends
 from ..constants import GiB, MiB
-from ..memory.forecast import DEFAULT_SEQ_LENS, forecast, measure_step, token_for
+from ..memory.forecast import DEFAULT_SEQ_LENS, forecast, max_positions, measure_step, token_for
 from ..memory.guard import memory_guard
+from ..memory.longest import SEQ_LEN_STEP
 from ..memory.snapshots import human_bytes
 from . import presets, tiny
 from . import quantizer_probe as quantizers
@@ -120,6 +121,7 @@ def forecast_mode(
     quantizer = quantizer or quantizers.choose(target.backend.name)
     model = load_prepared(path, mode, str(target.device), quantizer, r)
     try:
+        positions = max_positions(model)
         result = forecast(model, seq_lens, batch_size, budget_bytes, device=str(target.device))
     finally:
         del model
@@ -130,6 +132,7 @@ def forecast_mode(
         "checkpoint": path,
         "quantizer": quantizer,
         "lora_rank": r,
+        "max_positions": positions,
         **result.to_dict(),
     }
 
@@ -179,19 +182,26 @@ def verify_in_subprocess(
     cap_bytes: int | None,
     r: int = LORA_RANK,
     timeout: float | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """verify_length() in a fresh Python process (nothing cached from this one); its record, or one that says how
-    the process ended."""
+    the process ended. With `verbose` the child keeps the libraries' output (--verbose), copied to this stderr."""
     command = [sys.executable, "-m", "portable_kbit", "fit", path, "--verify-one", str(seq_len), "--activations"]
     command += [mode, "--device", device, "--batch-size", str(batch_size), "--lora-rank", str(r)]
     if quantizer:
         command += ["--quantizer", quantizer]
     if cap_bytes is not None:
         command += ["--budget", str(cap_bytes)]
+    if verbose:
+        command.append("--verbose")
     with tempfile.TemporaryFile(mode="w+") as errors:
         done = subprocess.run(
             command, stdout=subprocess.PIPE, stderr=errors, text=True, env=presets.child_env(), timeout=timeout
         )
+        if verbose:
+            errors.seek(0)
+            sys.stderr.write(errors.read())
+            sys.stderr.flush()
         for line in reversed(done.stdout.splitlines()):
             if line.startswith("{"):
                 try:
@@ -230,21 +240,44 @@ def verify_lengths(record: dict[str, Any]) -> list[int]:
 # ---- presentation ---------------------------------------------------------------------------------------------------
 
 
-def table(records: Sequence[dict[str, Any]]) -> str:
-    """A table per mode: predicted peak per length, fits or not, and the measured peak where verified."""
+def capped_by(record: dict[str, Any]) -> str | None:
+    """Why a forecast's longest length is not longer when memory is not the limit: it is the last multiple of
+    SEQ_LEN_STEP the search may try (max_seq_len, the model's maximum positions); None when the budget decides."""
+    longest, ceiling = record.get("longest_seq_len"), record.get("max_seq_len")
+    if not longest or not ceiling or longest + SEQ_LEN_STEP <= ceiling:
+        return None
+    if record.get("max_positions") == ceiling:
+        return f"capped by the model's maximum positions: {ceiling} in its config"
+    if "max_positions" in record and record["max_positions"] is None:
+        return f"capped by the search's ceiling, {ceiling} tokens: the config names no maximum positions"
+    return f"capped by max_seq_len, {ceiling}"
+
+
+def _mib(value: float) -> str:
+    return f"{value / MiB:.1f}"
+
+
+def table(records: Sequence[dict[str, Any]], verify: bool | None = None) -> str:
+    """A table per mode: predicted peak per length (MiB, one decimal), fits or not, and the measured peak where
+    verified. `verify`: show the measured columns (None: where there are verify records)."""
     blocks = []
+    if verify is None:
+        verify = any(r.get("kind") == "verify" for r in records)
     for forecast_record in (r for r in records if r.get("kind") == "forecast"):
         mode = forecast_record["mode"]
         budget = forecast_record["budget_bytes"]
         fillable = allocatable(forecast_record)
         verified = {r["seq_len"]: r for r in records if r.get("kind") == "verify" and r.get("mode") == mode}
+        head = ["seq_len", "predicted peak (MiB)", "fits"]
+        if verify:
+            head += ["measured peak (MiB)", "measured / predicted"]
         lines = [
             f"activations={mode}: {forecast_record['method']} on {forecast_record['device']} in "
             f"{forecast_record['seconds']:.1f} s; budget {human_bytes(budget)} ({forecast_record['budget_source']}), "
             f"of which a step can fill {human_bytes(fillable)} ({forecast_record.get('allocator', 'as counted')})",
             "",
-            "| seq_len | predicted peak (MiB) | fits | measured peak (MiB) | measured / predicted |",
-            "|---|---|---|---|---|",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
         ]
         predictions = {int(k): v for k, v in forecast_record["peak_bytes"].items()}
         longest = forecast_record.get("longest_seq_len")
@@ -252,20 +285,24 @@ def table(records: Sequence[dict[str, Any]]) -> str:
             predictions[longest] = None
         for seq_len in sorted(set(predictions) | set(verified)):
             predicted = predictions.get(seq_len)
-            check = verified.get(seq_len)
             fits = "" if predicted is None else ("yes" if predicted <= fillable else "no")
-            measured, ratio = "", ""
-            if check is not None and check.get("measured_bytes") is not None:
-                measured = f"{check['measured_bytes'] / MiB:.0f}"
-                if predicted:
-                    ratio = f"{check['measured_bytes'] / predicted:.3f}"
-            elif check is not None:
-                measured = check.get("error", "failed")
-            shown = "" if predicted is None else f"{predicted / MiB:.0f}"
-            label = f"{seq_len} (longest)" if seq_len == longest else str(seq_len)
-            lines.append(f"| {label} | {shown} | {fits} | {measured} | {ratio} |")
+            row = [f"{seq_len} (longest)" if seq_len == longest else str(seq_len)]
+            row += ["" if predicted is None else _mib(predicted), fits]
+            if verify:
+                check = verified.get(seq_len)
+                measured, ratio = "", ""
+                if check is not None and check.get("measured_bytes") is not None:
+                    measured = _mib(check["measured_bytes"])
+                    if predicted:
+                        ratio = f"{check['measured_bytes'] / predicted:.3f}"
+                elif check is not None:
+                    measured = check.get("error", "failed")
+                row += [measured, ratio]
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-        lines.append(f"longest sequence that fits: {longest if longest else 'none'}")
+        cap = capped_by(forecast_record)
+        shown = f"{longest}" if longest else f"none (not even {SEQ_LEN_STEP} tokens)"
+        lines.append(f"longest sequence that fits: {shown}" + (f" ({cap}; memory is not the limit)" if cap else ""))
         lines += [f"note: {note}" for note in forecast_record.get("notes", [])]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -283,55 +320,89 @@ def shown_up_to(forecast_record: dict[str, Any], records: Sequence[dict[str, Any
 
 
 def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None) -> str:
-    """Predicted peak against sequence length per mode, the budget as a line, measured points where verified; saved
-    as a PNG at `path`. Needs matplotlib (the "plot" extra)."""
+    """Predicted peak against sequence length per mode, the budget as a line, measured points where verified, the
+    longest length that fits as a vertical line per distinct value (modes that share one share its line and label),
+    and the lengths past the model's maximum positions shaded; saved as a PNG at `path`. Needs matplotlib (the
+    "plot" extra)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("plotting needs matplotlib: pip install 'portable-kbit[plot]'") from error
 
-    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    figure = Figure(figsize=(9, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     budgets = set()
     forecasts = [r for r in records if r.get("kind") == "forecast"]
     largest = max([r["budget_bytes"] for r in forecasts] + [1], default=1)
     scale, unit = (GiB, "GiB") if largest >= GiB else (MiB, "MiB")
+    right = max([shown_up_to(r, records) for r in forecasts], default=1.0)
+    markers = ("o", "s", "^", "D", "v")
+    longest_modes: dict[int, list[int]] = {}  # longest length -> indexes of the modes it belongs to
     for index, record in enumerate(forecasts):
         color = f"C{index}"
         points = {int(k): v for k, v in (record.get("predictions") or record["peak_bytes"]).items()}
-        up_to = shown_up_to(record, records)
-        xs = [x for x in sorted(points) if x <= up_to]
-        axis.plot(xs, [points[x] / scale for x in xs], marker="o", color=color, label=f"{record['mode']}: predicted")
-        longest = record.get("longest_seq_len")
-        if longest:
-            axis.axvline(longest, color=color, linestyle=":", linewidth=1)
+        xs = [x for x in sorted(points) if x <= right]
+        axis.plot(
+            xs,
+            [points[x] / scale for x in xs],
+            marker=markers[index % len(markers)],
+            markersize=5,
+            color=color,
+            label=f"{record['mode']}: predicted",
+        )
+        if record.get("longest_seq_len"):
+            longest_modes.setdefault(int(record["longest_seq_len"]), []).append(index)
         checks = [r for r in records if r.get("kind") == "verify" and r.get("mode") == record["mode"]]
         measured = [(r["seq_len"], r["measured_bytes"] / scale) for r in checks if r.get("measured_bytes") is not None]
         if measured:
             xs_measured, ys_measured = zip(*measured, strict=True)
             axis.scatter(xs_measured, ys_measured, marker="x", s=60, color=color, label=f"{record['mode']}: measured")
-        failed = [r["seq_len"] for r in checks if r.get("measured_bytes") is None]
-        for seq_len in failed:
+        for seq_len in [r["seq_len"] for r in checks if r.get("measured_bytes") is None]:
             axis.annotate("failed", (seq_len, record["budget_bytes"] / scale), color=color, fontsize=8)
         budgets.add((record["budget_bytes"], allocatable(record)))
+    styles = (":", "--", "-.", (0, (5, 2, 1, 2, 1, 2)))
+    for number, (longest, indexes) in enumerate(sorted(longest_modes.items())):
+        color = f"C{indexes[0]}" if len(indexes) == 1 else "0.3"
+        modes = ", ".join(forecasts[i]["mode"] for i in indexes)
+        axis.axvline(
+            longest,
+            color=color,
+            linestyle=styles[number % len(styles)],
+            linewidth=1.5,
+            label=f"longest that fits ({modes}): {longest}",
+        )
+        axis.annotate(
+            f"{longest} ({modes})",
+            (longest, 0.02),
+            xycoords=("data", "axes fraction"),
+            xytext=(-3, 0),
+            textcoords="offset points",
+            rotation=90,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color=color,
+        )
+    ceilings = {r["max_seq_len"] for r in forecasts if capped_by(r) and r.get("max_seq_len", right) < right}
+    for ceiling in sorted(ceilings)[:1]:
+        axis.axvspan(ceiling, right, color="0.9", zorder=0, label=f"past the model's maximum positions ({ceiling})")
     for budget, fillable in sorted(budgets):
         axis.axhline(budget / scale, color="black", linestyle="--", linewidth=1, label=f"budget {human_bytes(budget)}")
         if fillable < budget:
             label = f"a step can fill {human_bytes(fillable)}"
             axis.axhline(fillable / scale, color="gray", linestyle="-.", linewidth=1, label=label)
+    axis.set_xlim(0, right)
     axis.set_xlabel("sequence length (tokens)")
     axis.set_ylabel(f"training-step peak ({unit})")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    figure.legend(loc="outside right upper", fontsize=8)
     if title is None and forecasts:
         first = forecasts[0]
         name = str(first["checkpoint"]).rstrip("/").split("/")[-1]
-        title = (
-            f"{name} ({first['quantizer']}, LoRA r{first['lora_rank']}) on {first['device']}, "
-            f"batch {first['batch_size']}; dotted: longest that fits"
-        )
+        title = f"{name} ({first['quantizer']}, LoRA r{first['lora_rank']}) on {first['device']}, "
+        title += f"batch {first['batch_size']}"
     if title:
         axis.set_title(title, fontsize=10)
     figure.savefig(path, dpi=110)
@@ -340,6 +411,7 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None)
 
 __all__ = [
     "activation_modes",
+    "capped_by",
     "forecast_mode",
     "load_prepared",
     "parse_bytes",

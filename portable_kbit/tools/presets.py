@@ -22,6 +22,7 @@ from .. import backends
 from ..constants import MiB
 from ..memory import snapshots
 from . import tiny
+from .quiet import keeping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,8 @@ def materialize(path_or_preset: str, cache_dir: str | None = None, device: str |
         command += ["--device", device]
     if cache_dir:
         command += ["--cache-dir", cache_dir]
+    if keeping():  # --verbose: the child keeps the libraries' output too
+        command.append("--verbose")
     subprocess.run(command, check=True, env=child_env())
     return path
 

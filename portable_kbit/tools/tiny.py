@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .quiet import quiet
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
 QUANTIZERS = ("bnb-nf4", "bnb-fp4", "bnb-8bit", "quanto-int8", "quanto-int4", "quanto-float8", "none")
 
@@ -99,13 +101,15 @@ def config_for(arch: str, hidden: int = 128, layers: int = 2, vocab: int = 256) 
 
 @functools.cache
 def checkpoint(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: int = 256, seed: int = 0) -> str:
-    """Build a random bf16 model of `arch` and save it to a temporary folder (once per process); returns the path."""
-    from transformers import AutoModelForCausalLM
+    """Build a random bf16 model of `arch` and save it to a temporary folder (once per process); returns the path.
+    Without the libraries' progress bars and notices (portable_kbit.tools.quiet)."""
+    with quiet():
+        from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config_for(arch, hidden, layers, vocab), dtype=torch.bfloat16)
-    path = os.path.join(tempfile.mkdtemp(prefix=f"portable_kbit_{arch}_"), "model")
-    model.save_pretrained(path)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config_for(arch, hidden, layers, vocab), dtype=torch.bfloat16)
+        path = os.path.join(tempfile.mkdtemp(prefix=f"portable_kbit_{arch}_"), "model")
+        model.save_pretrained(path)
     return path
 
 
@@ -133,16 +137,18 @@ def quantization_config(
 
 
 def load(path: str, quantizer: str = "bnb-nf4", device: str = "cpu", quant_storage: torch.dtype | None = None) -> Any:
-    """Load a saved checkpoint through the real quantizer onto `device` (bitsandbytes quantizes while loading)."""
-    from transformers import AutoModelForCausalLM
+    """Load a saved checkpoint through the real quantizer onto `device` (bitsandbytes quantizes while loading), without
+    the libraries' progress bars, notices and import-time messages (portable_kbit.tools.quiet)."""
+    with quiet():
+        from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
-    config = quantization_config(quantizer, quant_storage=quant_storage)
-    if config is not None:
-        kwargs["quantization_config"] = config
-    if device != "cpu" or quantizer.startswith("bnb-"):  # without a device_map bitsandbytes picks the GPU itself
-        kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+        config = quantization_config(quantizer, quant_storage=quant_storage)
+        if config is not None:
+            kwargs["quantization_config"] = config
+        if device != "cpu" or quantizer.startswith("bnb-"):  # without a device_map bitsandbytes picks the GPU itself
+            kwargs["device_map"] = {"": device}
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def batch(vocab: int = 256, length: int = 32, seed: int = 1, device: str = "cpu") -> torch.Tensor:
