@@ -271,17 +271,24 @@ NOISE = (
 
 
 @functools.cache
+@functools.cache
 def fresh_run(*argv: str) -> subprocess.CompletedProcess:
     """`python -m portable_kbit ARGV` in a fresh process that imports this checkout (bitsandbytes and torchao are
-    imported for the first time in it); presets cached in a fresh folder."""
+    imported for the first time in it); presets cached in a folder of this test session's, built by the first run
+    that needs one (so that building one is quiet too). Each command runs once per session: tests read its output."""
     from portable_kbit.tools.presets import child_env
 
     args = list(argv)
     if args[0] in ("compare", "fit"):
-        args += ["--cache-dir", tempfile.mkdtemp(prefix="portable_kbit_quiet_")]
+        args += ["--cache-dir", _session_cache_dir()]
     return subprocess.run(
         [sys.executable, "-m", "portable_kbit", *args], env=child_env(), capture_output=True, text=True, timeout=600
     )
+
+
+@functools.cache
+def _session_cache_dir() -> str:
+    return tempfile.mkdtemp(prefix="portable_kbit_quiet_")
 
 
 QUIET_RUNS = {
