@@ -403,8 +403,8 @@ def plot(records: Sequence[dict[str, Any]], path: str, title: str | None = None)
         name = str(first["checkpoint"]).rstrip("/").split("/")[-1]
         title = f"{name} ({first['quantizer']}, LoRA r{first['lora_rank']}) on {first['device']}, "
         title += f"batch {first['batch_size']}"
-    if title:
-        axis.set_title(title, fontsize=10)
+    if title:  # over the whole figure: an axes title runs under the legend beside the axes
+        figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=110)
     return path
 
