@@ -10,7 +10,7 @@ passes for batch 1 or padding-free batches), at L = 2048, 3072, 4096 on an accel
 
 - ``sdpa-fp32-gqa``: ``scaled_dot_product_attention(..., enable_gqa=True)`` on fp32 q/k/v, as transformers' sdpa calls
   it once prepare() leaves the hidden states in fp32 (the math kernel on CUDA with torch <= 2.11);
-- ``ours-fp32``: ``portable_kbit.attention.fp32_sdpa_attention_forward``, which asks the device's Backend whether to
+- ``ours-fp32``: ``portable_kbit.patches.attention_call.attention_forward``, which asks the device's Backend whether to
   expand k/v (``expanded`` in the record says what it chose);
 - ``fp32-expanded``: k/v repeated to the query heads (transformers' ``repeat_kv``) and no enable_gqa, always;
 - ``sdpa-bf16-gqa``: bf16 q/k/v with enable_gqa (the native flow).
@@ -34,7 +34,7 @@ import torch
 
 from portable_kbit import backends
 from portable_kbit.backends.sdpa import sdpa_kernel_choice
-from portable_kbit.patches import attention
+from portable_kbit.patches import attention_call
 
 MiB = 1 << 20
 VARIANTS = ("sdpa-fp32-gqa", "ours-fp32", "fp32-expanded", "sdpa-bf16-gqa")
@@ -75,7 +75,7 @@ def run_call(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if variant == "ours-fp32":
-        out, _ = attention.fp32_sdpa_attention_forward(AttentionModule(groups), q, k, v, None)
+        out, _ = attention_call.attention_forward(AttentionModule(groups), q, k, v, None)
     elif variant == "fp32-expanded":
         out = sdpa(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True)
     else:
@@ -91,7 +91,7 @@ def dispatcher_choice(variant: str, q, k, v, groups: int) -> str | None:
     with torch.no_grad():
         if variant == "fp32-expanded":
             return sdpa_kernel_choice(q, repeat_kv(k, groups), repeat_kv(v, groups), None, 0.0, True, False)
-        if variant == "ours-fp32" and attention.expands_kv(AttentionModule(groups), q, k, v, None, 0.0, None):
+        if variant == "ours-fp32" and attention_call.expands_kv(AttentionModule(groups), q, k, v, None, 0.0, None):
             return dispatcher_choice("fp32-expanded", q, k, v, groups)
     return sdpa_kernel_choice(q, k, v, None, 0.0, True, enable_gqa=True)
 
@@ -119,7 +119,7 @@ def measure(variant: str, length: int, args: argparse.Namespace, target: backend
     try:
         q, k, v = make_inputs(length, args.heads, args.kv_heads, args.head_dim, dtype, device)
         if variant == "ours-fp32":
-            record["expanded"] = attention.expands_kv(AttentionModule(groups), q, k, v, None, 0.0, None)
+            record["expanded"] = attention_call.expands_kv(AttentionModule(groups), q, k, v, None, 0.0, None)
         record["dispatcher"] = dispatcher_choice(variant, q, k, v, groups)
         run_call(variant, q, k, v, groups)  # warm-up: one-time workspaces stay out of the peak
         for t in (q, k, v):

@@ -25,7 +25,7 @@ from portable_kbit.backends.base import torch_version
 from portable_kbit.backends.cpu import CPU_FLASH_TAKES_FP32_GQA_FROM, CpuBackend
 from portable_kbit.backends.cuda import CudaBackend
 from portable_kbit.backends.mps import MpsBackend
-from portable_kbit.patches import attention
+from portable_kbit.patches import attention, attention_call
 from portable_kbit.tools import tiny
 
 prepare_module = importlib.import_module("portable_kbit.pipeline.prepare")
@@ -100,13 +100,13 @@ class SdpaSpy:
 def attention_calls(monkeypatch) -> list[bool]:
     """Each call of our attention function, as whether it took the expanded path."""
     calls: list[bool] = []
-    original = attention.expands_kv
+    original = attention_call.expands_kv
 
     def spy(*args):
         calls.append(original(*args))
         return calls[-1]
 
-    monkeypatch.setattr(attention, "expands_kv", spy)
+    monkeypatch.setattr(attention_call, "expands_kv", spy)
     return calls
 
 
@@ -200,7 +200,7 @@ def test_expanded_call_matches_the_gqa_call_on_one_attention_call(monkeypatch):
         t.grad = None
     monkeypatch.setattr(CpuBackend, "fp32_attention_needs_expanded_kv", lambda self, *args: True)
     calls = attention_calls(monkeypatch)
-    ours, _ = attention.fp32_sdpa_attention_forward(Module(), q, k, v, None, scaling=0.25)
+    ours, _ = attention_call.attention_forward(Module(), q, k, v, None, scaling=0.25)
     assert calls == [True]
     ours.square().sum().backward()
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
@@ -380,7 +380,7 @@ def test_cuda_asks_the_fused_kernels_with_enable_gqa(monkeypatch, flash, efficie
 def test_mps_never_expands_and_says_what_fp32_costs():
     q, k, v = gqa_tensors()
     assert not MpsBackend().fp32_attention_needs_expanded_kv(q, k, v, None, 0.0, True)
-    assert "math path" in MpsBackend.fp32_attention and "L x L" in MpsBackend.fp32_attention
+    assert "blocks of queries" in MpsBackend.fp32_attention and "L x L" in MpsBackend.fp32_attention
 
 
 def test_attention_modes_name_the_fp32_flows():

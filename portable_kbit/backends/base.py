@@ -9,6 +9,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..constants import MiB
+from .sdpa import sdpa_kernel_choice
+
+#: how a long attention call runs when transformers' sdpa call would take the math kernel (Backend.long_attention)
+QUERY_BLOCKS = "query blocks"
+MEMORY_EFFICIENT_KERNEL = "memory-efficient kernel, asked for"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,32 @@ class Backend:
         ``enable_gqa``) should run instead; the refused call runs the math kernel, whose memory grows with L x L.
         False: leave the call to transformers' sdpa. Called once per attention call, with that call's tensors."""
         return False
+
+    #: an attention call of this many query rows or more that only the math kernel would take runs over blocks of
+    #: queries instead (patches/query_blocks.py); a shorter one keeps the math kernel, whose scores are small then
+    query_blocks_from: int = 1024
+
+    def attention_holds_scores(self, device: torch.device) -> str | None:
+        """Why attention here would keep [heads, L, L] scores whatever the activations mode (None: a fused kernel
+        takes training calls): prepare() then puts its attention on the model in every mode, so that such calls run
+        as ``long_attention`` says."""
+        return None
+
+    def long_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        enable_gqa: bool,
+    ) -> str | None:
+        """How a call of ``query_blocks_from`` rows or more runs, asked with the call as transformers' sdpa will make
+        it: None where a fused kernel takes it; QUERY_BLOCKS where only the math kernel would; MEMORY_EFFICIENT_KERNEL
+        where a fused kernel takes it only when asked for. Here: the dispatcher's answer (``_fused_sdp_choice``)."""
+        kernel = sdpa_kernel_choice(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        return QUERY_BLOCKS if kernel == "MATH" else None
 
     # ---- allocator caps (memory_guard) -------------------------------------------------------------------------
 

@@ -13,7 +13,16 @@ from collections.abc import Iterator
 import torch
 
 from ..constants import MiB
-from .base import AllocatorStats, Backend, accelerator_function, probe, torch_version
+from .base import (
+    MEMORY_EFFICIENT_KERNEL,
+    QUERY_BLOCKS,
+    AllocatorStats,
+    Backend,
+    accelerator_function,
+    probe,
+    torch_version,
+)
+from .sdpa import probe_efficient_attention
 
 # On 2.9-2.12 torch.accelerator's memory functions raise "Allocator for mps is not a DeviceAllocator".
 ACCELERATOR_MEMORY_ON_MPS_FROM = (2, 13)
@@ -28,19 +37,39 @@ class MpsBackend(Backend):
     default_chunk_bytes = 64 * MiB
     unified_chunk_bytes = 64 * MiB
     #: torch <= 2.11 has no fused attention backward on MPS: training attention is the math path, which keeps an
-    #: L x L score matrix per head (and its softmax) for the backward, for every dtype. Expanding k/v gains nothing
-    #: there, so the call is left to transformers; what fp32 costs is twice the bytes of those matrices.
+    #: L x L score matrix per head (and its softmax) for the backward, for every dtype; newer torch has at most an
+    #: opt-in memory-efficient kernel. Long calls run over blocks of queries (or on that kernel where the probe finds
+    #: it training); expanding k/v gains nothing here.
     fp32_attention = (
-        "mps: no fused attention backward (torch <= 2.11): training attention runs the math path, L x L scores per "
-        "head, and fp32 doubles their bytes against bf16; k/v are not expanded (no fused kernel to gain)"
+        "mps: no fused attention backward (torch <= 2.11; at most an opt-in memory-efficient kernel after): calls "
+        "of 1024 query rows or more run over blocks of queries, or on that kernel where a probe finds it training, "
+        "never holding L x L scores; k/v are not expanded"
     )
 
     def fp32_attention_needs_expanded_kv(self, query, key, value, attn_mask, dropout_p, is_causal) -> bool:
         """Never: without a fused attention backward, the expanded call would run the math path as well."""
         return False
 
+    def attention_holds_scores(self, device: torch.device) -> str | None:
+        return (
+            "mps: transformers' sdpa runs the math kernel here (L x L scores per head) in every mode, so prepare()'s "
+            "attention takes calls of 1024 query rows or more: over blocks of queries, or on torch's memory-efficient "
+            "kernel where a probe finds it training on this torch"
+        )
+
+    def long_attention(self, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+        return MEMORY_EFFICIENT_KERNEL if self.efficient_attention_trains(query.dtype) else QUERY_BLOCKS
+
+    def efficient_attention_trains(self, dtype: torch.dtype) -> bool:
+        """Whether torch's memory-efficient SDPA kernel runs a training call (forward and backward) on this device and
+        dtype: a probe on tiny tensors, once per dtype, not a version test."""
+        if dtype not in self._efficient_attention:
+            self._efficient_attention[dtype] = probe_efficient_attention(self.device(), dtype)
+        return self._efficient_attention[dtype]
+
     def __init__(self) -> None:
         self._fraction: float | None = None  # what set_memory_fraction last set (torch has no getter on MPS)
+        self._efficient_attention: dict[torch.dtype, bool] = {}
 
     # optimum-quanto first: bitsandbytes >= 0.50 has an MPS backend too (needs torch >= 2.9), tried second
     preferred_quantizers = ("quanto-int4", "bnb-nf4")

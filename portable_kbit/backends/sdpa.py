@@ -61,3 +61,18 @@ def real_tensors_for_fake(
             stand_in(value, (-2,)),
             stand_in(mask, (-2, -1)) if mask is not None and mask.dim() >= 2 else mask,
         )
+
+
+def probe_efficient_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's memory-efficient SDPA kernel, asked for, runs forward and backward of a small causal call on
+    `device` in `dtype` (False where this torch lacks it there or refuses the call)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        query = torch.randn(1, 2, 8, 16, dtype=dtype, device=device, requires_grad=True)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
+        out.float().sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, ImportError):
+        return False
+    return query.grad is not None and bool(torch.isfinite(query.grad).all())

@@ -1,4 +1,5 @@
-"""Attention that stays on a fused kernel when prepare() leaves q/k/v in fp32.
+"""prepare()'s attention on a model: attention that stays on a fused kernel when q/k/v are fp32, and that never
+holds [heads, L, L] scores where no fused kernel takes a training call (Apple MPS).
 
 With fp32 hidden states, q/k/v reach ``scaled_dot_product_attention`` in fp32, and transformers passes
 ``enable_gqa=True`` for grouped-query attention whenever there is no attention mask (batch 1, packed or padding-free
@@ -8,9 +9,11 @@ and no ``enable_gqa`` runs the memory-efficient kernel.
 
 This module registers an attention function with transformers' ``AttentionInterface`` under ``ATTENTION_NAME`` (and
 sdpa's own mask function under the same name with ``AttentionMaskInterface``, so padding masks are built as for
-sdpa), switched on with ``model.set_attn_implementation``. The function is transformers' ``sdpa_attention_forward``,
-except for an fp32 grouped-query call that the device's Backend says the fused kernels would refuse: then k/v are
-expanded (transformers' ``repeat_kv``) and transformers' function runs without ``enable_gqa``.
+sdpa), switched on with ``model.set_attn_implementation`` where q/k/v will be fp32, or where the backend says
+attention would hold L x L scores in every mode. The function (patches/attention_call.py) is transformers'
+``sdpa_attention_forward``, except for an fp32 grouped-query call that the device's Backend says the fused kernels
+would refuse (k/v are expanded), and a long call that only the math kernel would take (it runs over blocks of
+queries, patches/query_blocks.py, or on a memory-efficient kernel the backend asks for).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import backends
 from ..backends import Backend
 from ..constants import MISSING
 from ..model.hf import call
+from .attention_call import AttentionCalls, attention_forward, count_calls_of, forget_calls_of
 from .dtype_flow import FP32_FLOWS
 from .protocol import Patch
 
@@ -46,83 +49,12 @@ def fp32_inside_attention(activations: str, upcast: str) -> str | None:
     return None
 
 
-# ---- the attention function -----------------------------------------------------------------------------------------
-
-
-class _WithoutKvGroups:
-    """The attention module as transformers' sdpa function sees it once k/v are expanded: no ``num_key_value_groups``,
-    so it neither repeats k/v again nor passes ``enable_gqa``; every other attribute is the module's."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "num_key_value_groups":
-            raise AttributeError(name)
-        return getattr(self._module, name)
-
-
-def _backend_for(device: torch.device) -> Backend | None:
-    try:
-        return backends.for_device(device)
-    except backends.BackendUnavailableError:  # a device we have no backend for: transformers' call as it is
-        return None
-
-
-def expands_kv(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    is_causal: bool | None,
-) -> bool:
-    """Whether this call takes the expanded path: fp32 grouped-query attention over more than one query position,
-    which the device's Backend says the fused kernels would refuse with ``enable_gqa``."""
-    if query.dtype != torch.float32 or query.dim() != 4 or key.dim() != 4:
-        return False
-    q_heads, kv_heads, q_length = query.shape[1], key.shape[1], query.shape[2]
-    if kv_heads >= q_heads or q_heads % kv_heads or q_length <= 1:  # not GQA, or decoding (transformers packs it)
-        return False
-    backend = _backend_for(query.device)
-    if backend is None:
-        return False
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and attention_mask is None  # as transformers' sdpa function decides it
-    return backend.fp32_attention_needs_expanded_kv(query, key, value, attention_mask, dropout, causal)
-
-
-def fp32_sdpa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """transformers' sdpa attention; k/v expanded to the query heads where the Backend says so (see the module doc)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    caller: Any = module
-    if expands_kv(module, query, key, value, attention_mask, dropout, is_causal):
-        groups = query.shape[1] // key.shape[1]
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        caller = _WithoutKvGroups(module)
-    return sdpa_attention_forward(
-        caller, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
-
-
 def register() -> None:
     """Register the attention function and sdpa's mask function under ATTENTION_NAME (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(ATTENTION_NAME, fp32_sdpa_attention_forward)
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
@@ -184,6 +116,7 @@ class AttentionImplementation(Patch):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.original = ConfigSnapshot([])
+        self.calls = AttentionCalls()  # the paths its calls take, counted while it stands
 
     def apply(self) -> None:
         before = ConfigSnapshot.take(self.model)
@@ -193,12 +126,15 @@ class AttentionImplementation(Patch):
         call(self.model, "set_attn_implementation", ATTENTION_NAME)
         if not self.is_live():
             before.restore()
+            return
+        count_calls_of(self.original.configs(), self.calls)
 
     def is_live(self) -> bool:
         configs = self.original.configs()
         return bool(configs) and all(c._attn_implementation == ATTENTION_NAME for c in configs)
 
     def remove(self) -> None:
+        forget_calls_of(self.original.configs(), self.calls)
         if self.is_live():
             self.original.restore()
 
@@ -234,34 +170,40 @@ def _ours_as_sdpa(attributes: dict[str, Any]) -> dict[str, Any]:
     return attributes
 
 
-def choose(model: nn.Module, backend: Backend, fp32_reason: str | None, replaced: bool = False) -> AttentionChoice:
+def choose(
+    model: nn.Module, backend: Backend, device: torch.device, fp32_reason: str | None, replaced: bool = False
+) -> AttentionChoice:
     """What to do with a transformers model's attention (a PeftModel's base model): our implementation where its
-    attention is transformers' sdpa and q/k/v will be fp32 (``fp32_reason``); else it is left as it is.
-    `replaced`: the last prepare()'s switch was just removed (the reason says so). Changes nothing: the choice's
-    patch does, once applied."""
+    attention is transformers' sdpa and q/k/v will be fp32 (``fp32_reason``), or the backend says attention would hold
+    L x L scores in every mode; else it is left as it is. `replaced`: the last prepare()'s switch was just removed (the
+    reason says so). Changes nothing: the choice's patch does, once applied."""
     configs = attention_configs(model)
     implementations = [c._attn_implementation for c in configs]
     current = implementations[0] if implementations else None
-    if fp32_reason is None:
+    scores_reason = backend.attention_holds_scores(device)
+    why = "; ".join(reason for reason in (fp32_reason, scores_reason) if reason)
+    if not why:
         reason = "q/k/v keep the model's dtype: transformers' attention as it is"
         if replaced:
             reason += f" (the fp32 attention of the last prepare() is removed: back to {current!r})"
         return AttentionChoice(current, reason)
     if not configs or not hasattr(model, "set_attn_implementation"):
-        return AttentionChoice(current, f"{fp32_reason}; not a transformers model: attention left as it is")
+        return AttentionChoice(current, f"{why}; not a transformers model: attention left as it is")
     if any(i not in ("sdpa", ATTENTION_NAME) for i in implementations):
         odd = next(i for i in implementations if i not in ("sdpa", ATTENTION_NAME))
-        reason, note = _left_alone(odd, fp32_reason)
+        reason, note = _left_alone(odd, why)
         return AttentionChoice(current, reason, note=note)
     can_switch = getattr(type(model), "_can_set_attn_implementation", None)
     if current != ATTENTION_NAME and can_switch is not None and not can_switch():
         reason = f"{type(model).__name__} cannot switch its attention implementation: sdpa left as it is"
-        return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
-    return AttentionChoice(ATTENTION_NAME, f"{fp32_reason}; {backend.fp32_attention}", AttentionImplementation(model))
+        return AttentionChoice(current, f"{why}; {reason}", note=f"{why}; {reason}")
+    detail = backend.fp32_attention if fp32_reason else f"{backend.name}: long calls as the backend says"
+    return AttentionChoice(ATTENTION_NAME, f"{why}; {detail}", AttentionImplementation(model))
 
 
-def refused(model: nn.Module, fp32_reason: str) -> AttentionChoice:
+def refused(model: nn.Module, choice: AttentionChoice) -> AttentionChoice:
     """The choice once its patch was applied and the model did not take our implementation (left as it was)."""
     current = next((c._attn_implementation for c in attention_configs(model)), None)
+    why = choice.reason.split("; ")[0]
     reason = f"{type(model).__name__} did not take the attention implementation {ATTENTION_NAME!r}: left as it was"
-    return AttentionChoice(current, f"{fp32_reason}; {reason}", note=f"{fp32_reason}; {reason}")
+    return AttentionChoice(current, f"{why}; {reason}", note=f"{why}; {reason}")

@@ -347,16 +347,16 @@ def add_dtype_flow(
 def switch_attention(
     model: nn.Module, target: Target, activations: str, upcast: str, replaced: bool, transaction: Transaction
 ) -> attention.AttentionChoice:
-    """Where q/k/v will reach attention in fp32 and the model's attention is transformers' sdpa: our sdpa, which keeps
-    fp32 grouped-query attention on a fused kernel where the backend says transformers' call would not. `replaced`:
-    the last prepare()'s switch was just superseded."""
+    """Where q/k/v will reach attention in fp32, or the backend says attention would hold L x L scores in every mode,
+    and the model's attention is transformers' sdpa: our sdpa (patches/attention.py). `replaced`: the last
+    prepare()'s switch was just superseded."""
     fp32_reason = attention.fp32_inside_attention(activations, upcast)
     base = hf_model(model)
-    choice = attention.choose(base, target.backend, fp32_reason, replaced)
+    choice = attention.choose(base, target.backend, target.device, fp32_reason, replaced)
     if choice.patch is not None:
         transaction.patches.apply(choice.patch)
-        if not choice.patch.is_live() and fp32_reason is not None:
-            choice = attention.refused(base, fp32_reason)
+        if not choice.patch.is_live():
+            choice = attention.refused(base, choice)
     return choice
 
 

@@ -71,6 +71,7 @@ def build_report(
         notes=notes,
         attention=attention_choice.implementation,
         attention_reason=attention_choice.reason,
+        attention_calls=attention_choice.patch.calls if attention_choice.patch is not None else None,
         **_blocks_report(blocks_plan, block_calls),
         devices=devices,
     )

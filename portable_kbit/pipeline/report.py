@@ -8,6 +8,7 @@ from typing import Any
 
 from ..constants import MiB
 from ..memory.snapshots import MemorySnapshot
+from ..patches.attention_call import AttentionCalls
 from ..patches.token_blocks.counts import BlockedCalls
 
 
@@ -83,6 +84,9 @@ class PrepReport:
     # the model's attention implementation after the call ("portable_kbit_sdpa" where prepare() switched it), and why
     attention: str | None = None
     attention_reason: str = ""
+    # live, where prepare()'s attention is on the model: the path each call took ("sdpa", "sdpa, k/v expanded",
+    # "query blocks" ...), and why a long call kept transformers' call
+    attention_calls: AttentionCalls | None = None
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
@@ -124,6 +128,7 @@ class PrepReport:
             out[name] = getattr(self, name).to_dict()
         out["devices"] = {device: memory.to_dict() for device, memory in self.devices.items()}
         out["token_block_calls"] = self.token_block_calls.to_dict() if self.token_block_calls is not None else None
+        out["attention_calls"] = self.attention_calls.to_dict() if self.attention_calls is not None else None
         out["deltas"] = {
             "allocated": self.allocated_delta,
             "reserved": self.reserved_delta,
@@ -158,6 +163,8 @@ class PrepReport:
         ]
         if self.attention_reason:
             lines.append(f"  attention: {self.attention} ({self.attention_reason})")
+        if self.attention_calls is not None:
+            lines.append(f"  {self.attention_calls.line()}")
         if self.token_blocks is not None:
             head = "head and loss" if self.blocked_head else "no head"
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""
