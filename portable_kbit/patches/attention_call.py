@@ -117,8 +117,7 @@ def expands_kv(
     backend = _backend_for(query.device)
     if backend is None:
         return False
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and attention_mask is None  # as transformers' sdpa function decides it
+    causal = _causal(module, is_causal, query, attention_mask)
     return backend.fp32_attention_needs_expanded_kv(query, key, value, attention_mask, dropout, causal)
 
 
