@@ -2,6 +2,12 @@
 
     python benchmarks/loss_curves.py --preset mistral-7b --steps 40 --seeds 1,2,3 --jobs 6 --out results/h100
     python benchmarks/loss_curves.py --preset tiny --steps 10 --seeds 1,2 --out /tmp/curves    # CPU, seconds
+    python benchmarks/loss_curves.py --preset small --task progressions --steps 40 --plot --out /tmp/curves
+
+Two tasks (`--task`, portable_kbit.tools.compare.TASKS): `one-sequence` learns one random sequence by heart; and
+`progressions` learns a rule, on a fixed batch of 8 sequences, each an arithmetic progression of token ids with its own
+stride, and is scored after every step on 8 held-out progressions (`eval_losses`): a task with signal, on which a flow
+that learns more slowly shows as a gap that lasts.
 
 Each (variant, seed) runs `portable_kbit.tools.compare.run_variant` in a fresh process (load, prepare, LoRA r16 on
 q/k/v/o, non-reentrant checkpointing, AdamW lr 1e-4, `--steps` steps on one random sequence drawn with the seed);
@@ -22,10 +28,10 @@ from typing import Any
 VARIANTS = ("peft", "ours-fp32", "ours-layer", "ours-native")
 
 
-def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: str) -> dict[str, Any]:
+def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: str, task: str) -> dict[str, Any]:
     from portable_kbit.tools import compare
 
-    records = compare.run_in_subprocess(path, variant, device, steps, seq_len, "bnb-nf4", data_seed=seed)
+    records = compare.run_in_subprocess(path, variant, device, steps, seq_len, "bnb-nf4", data_seed=seed, task=task)
     train = next((r for r in records if r.get("phase") == "train"), None)
     failed = next((r for r in records if "error" in r), None)
     return {
@@ -33,15 +39,17 @@ def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: st
         "seed": seed,
         "steps": steps,
         "seq_len": seq_len,
+        "task": task,
         "losses": train.get("losses") if train else None,
+        "eval_losses": train.get("eval_losses") if train else None,
         "peak_allocated": train.get("peak_allocated") if train else None,
         "error": failed.get("error") if failed else None,
     }
 
 
-def gaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def gaps(records: list[dict[str, Any]], field: str = "losses") -> list[dict[str, Any]]:
     """Per seed and variant: the mean of (ours - peft) over the steps, and the largest |ours - peft|."""
-    by = {(r["variant"], r["seed"]): r["losses"] for r in records if r["losses"]}
+    by = {(r["variant"], r["seed"]): r[field] for r in records if r.get(field)}
     out = []
     for (variant, seed), losses in sorted(by.items()):
         reference = by.get(("peft", seed))
@@ -53,6 +61,52 @@ def gaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def gaps_per_step(records: list[dict[str, Any]], field: str = "losses") -> dict[str, list[float]]:
+    """Per variant: (ours - peft) at each step, the mean over the seeds both ran."""
+    by = {(r["variant"], r["seed"]): r[field] for r in records if r.get(field)}
+    out: dict[str, list[float]] = {}
+    for variant in sorted({v for v, _ in by} - {"peft"}):
+        pairs = [(by[(variant, s)], by[("peft", s)]) for v, s in by if v == variant and ("peft", s) in by]
+        if pairs:
+            out[variant] = [statistics.fmean(a[i] - b[i] for a, b in pairs) for i in range(len(pairs[0][0]))]
+    return out
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The curves (thin: each seed; thick: their mean), and below them each variant's gap to peft per step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fields = ["losses"] + (["eval_losses"] if any(r.get("eval_losses") for r in records) else [])
+    figure = Figure(figsize=(6 * len(fields), 7.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(fields), squeeze=False, sharex=True)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    colours = {v: f"C{i}" for i, v in enumerate(variants)}
+    for column, field in enumerate(fields):
+        curves, gap_axis = axes[0][column], axes[1][column]
+        for variant in variants:
+            runs = [r[field] for r in records if r["variant"] == variant and r.get(field)]
+            for losses in runs:
+                curves.plot(range(1, len(losses) + 1), losses, color=colours[variant], alpha=0.3, linewidth=0.8)
+            if runs:
+                mean = [statistics.fmean(step) for step in zip(*runs, strict=True)]
+                curves.plot(range(1, len(mean) + 1), mean, color=colours[variant], linewidth=2, label=variant)
+        for variant, gap in gaps_per_step(records, field).items():
+            gap_axis.plot(range(1, len(gap) + 1), gap, color=colours[variant], linewidth=2, label=variant)
+        gap_axis.axhline(0, color="black", linewidth=0.8)
+        name = "training loss" if field == "losses" else "held-out loss"
+        curves.set_title(f"{name} (thin: each seed; thick: their mean)", fontsize=10)
+        curves.set_ylabel(name)
+        gap_axis.set_ylabel(f"{name}: variant - peft")
+        gap_axis.set_xlabel("step")
+        curves.grid(alpha=0.3)
+        gap_axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=11)
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -61,7 +115,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--task", default="one-sequence", help="one-sequence or progressions")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--plot", action="store_true", help="also <out>/curves-<task>.png (needs matplotlib)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -71,18 +127,27 @@ def main() -> None:
     seq_len = args.seq_len or compare.PRESETS[args.preset].seq_len
     runs = [(v, int(s)) for s in args.seeds.split(",") for v in args.variants.split(",")]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        records = list(pool.map(lambda vs: run(path, vs[0], vs[1], args.steps, seq_len, args.device), runs))
+        records = list(pool.map(lambda vs: run(path, vs[0], vs[1], args.steps, seq_len, args.device, args.task), runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "curves.jsonl", "w") as handle:
+    name = "curves" if args.task == "one-sequence" else f"curves-{args.task}"
+    with open(out / f"{name}.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     for record in records:
         if record["error"]:
             print(f"{record['variant']} seed {record['seed']}: FAILED {record['error'][:200]}")
-    for gap in gaps(records):
-        mean, largest = gap["mean_gap"], gap["max_abs_gap"]
-        print(f"seed {gap['seed']} {gap['variant']:>12}: mean gap to peft {mean:+.4f}, largest |gap| {largest:.4f}")
+    for field in ("losses", "eval_losses"):
+        for gap in gaps(records, field):
+            mean, largest = gap["mean_gap"], gap["max_abs_gap"]
+            print(
+                f"{field:>11} seed {gap['seed']} {gap['variant']:>12}: mean gap to peft {mean:+.4f}, "
+                f"largest |gap| {largest:.4f}"
+            )
+    if args.plot:
+        title = f"{args.preset}, {args.task}, {args.steps} steps x {seq_len} tokens, seeds {args.seeds}"
+        plot(records, out / f"{name}.png", title)
+        print(f"plot: {out / f'{name}.png'}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from shared_runs import README_COMPARE, README_FIT, run_once
 
 from portable_kbit import backends
@@ -123,6 +124,25 @@ def test_compare_run_variant_is_importable_and_records_errors(tmp_path):
         tiny.checkpoint("llama"), "ours-native", "cpu", steps=1, seq_len=16, quantizer="quanto-int4"
     )
     assert [r["phase"] for r in ours] == list(compare.PHASES) and "error" not in ours[-1]
+
+
+def test_the_progressions_task_learns_a_rule_and_scores_held_out_sequences():
+    from portable_kbit.tools import compare, tiny
+
+    rows = compare.progressions(4, 12, seed=1, device="cpu")
+    strides = (rows[:, 1:] - rows[:, :-1]) % compare.PROGRESSION_TOKENS
+    assert (strides == strides[:, :1]).all() and ((strides >= 1) & (strides <= 7)).all()  # one stride per row
+    assert rows.min() >= 16 and rows.max() < 16 + compare.PROGRESSION_TOKENS
+    assert not torch.equal(rows, compare.progressions(4, 12, seed=10_001, device="cpu"))  # held out: other rows
+    records = compare.run_variant(
+        tiny.checkpoint("llama"), "ours-fp32", "cpu", steps=3, seq_len=16, quantizer="bnb-nf4", task="progressions"
+    )
+    train = records[-1]
+    assert train["phase"] == "train" and train["task"] == "progressions" and "error" not in train
+    assert len(train["losses"]) == len(train["eval_losses"]) == 3
+    assert train["losses"][-1] < train["losses"][0] and train["eval_losses"][-1] < train["eval_losses"][0]
+    with pytest.raises(ValueError, match="unknown task"):
+        compare.run_variant(tiny.checkpoint("llama"), "ours-fp32", "cpu", task="poetry")
 
 
 AUTO_DEVICE = backends.resolve("auto").device.type

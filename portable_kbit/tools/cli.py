@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     comp.add_argument("--targets", default=None, help=argparse.SUPPRESS)
     comp.add_argument("--data-seed", type=int, default=1, help=argparse.SUPPRESS)
+    comp.add_argument("--task", default="one-sequence", help=argparse.SUPPRESS)  # compare.TASKS
     comp.add_argument("--build-preset", action="store_true", help=argparse.SUPPRESS)
     comp.set_defaults(run=run_compare)
 
@@ -346,6 +347,7 @@ def run_compare(args: argparse.Namespace) -> int:
             memory_fraction=args.memory_fraction,
             emit=emit_line,
             data_seed=args.data_seed,
+            task=args.task,
         )
         return 1 if any("error" in r for r in records) else 0
 

@@ -37,6 +37,12 @@ from . import tiny
 from .presets import PRESETS, Preset, build_preset, child_env, lora_targets, materialize, versions
 
 PHASES = ("start", "load", "prep", "lora", "train")
+#: what the train phase learns: one random sequence by heart, or a rule (arithmetic progressions of tokens, one per
+#: sequence: the next token is the last one plus the sequence's own stride) on a fixed batch, scored on held-out ones
+TASKS = ("one-sequence", "progressions")
+#: the progressions task: sequences per batch, and the alphabet they run over (token ids from 16 on)
+PROGRESSION_ROWS = 8
+PROGRESSION_TOKENS = 64
 CHECKPOINTING = {"use_reentrant": False}
 
 VARIANTS: dict[str, str] = {
@@ -122,6 +128,7 @@ def run_variant(
     memory_fraction: float | None = None,
     emit: Callable[[dict], None] | None = None,
     data_seed: int = 1,
+    task: str = "one-sequence",
 ) -> list[dict[str, Any]]:
     """Run the job for one variant in this process; returns one record per phase (the failing phase last, with
     "error"). Run each variant in a fresh process for comparable numbers: allocator caches and peaks carry over.
@@ -136,10 +143,14 @@ def run_variant(
         lr, r: AdamW learning rate and LoRA rank (lora_alpha = 2 r).
         memory_fraction: cap this process's allocator at this fraction of the GPU (CUDA and ROCm only).
         emit: called with each record as soon as its phase ends (the subprocess prints them).
-        data_seed: the seed of the random training sequence.
+        data_seed: the seed of the random training sequence (or of the progressions' starts and strides).
+        task: one of TASKS: "one-sequence" (the default) or "progressions", which also records "eval_losses", the
+            loss on held-out progressions after each step.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     target = backends.resolve(device)
     quantizer = quantizer or quantizers.choose(target.backend.name)
     targets = list(targets) if targets else lora_targets(checkpoint_path)
@@ -151,6 +162,7 @@ def run_variant(
         "quantizer": quantizer,
         "steps": steps,
         "seq_len": seq_len,
+        "task": task,
     }
     phases = _Phases(target, base, emit)
     try:
@@ -179,7 +191,10 @@ def run_variant(
             model = get_peft_model(model, config)
             extra["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         with phases.phase("train") as (extra, samples):
-            extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples, data_seed)
+            if task == "progressions":
+                extra["losses"], extra["eval_losses"] = train_progressions(model, steps, seq_len, lr, data_seed)
+            else:
+                extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples, data_seed)
     except _Stop:
         pass
     return phases.records
@@ -251,6 +266,38 @@ def train_steps(
     return losses
 
 
+def progressions(rows: int, length: int, seed: int, device: str) -> torch.Tensor:
+    """[rows, length] token ids: each row an arithmetic progression over PROGRESSION_TOKENS ids (from 16 on, clear of
+    special tokens), with its own start and stride (1 to 7), drawn with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, PROGRESSION_TOKENS, (rows, 1), generator=generator)
+    strides = torch.randint(1, 8, (rows, 1), generator=generator)
+    steps = torch.arange(length)[None, :]
+    return (16 + (starts + strides * steps) % PROGRESSION_TOKENS).to(device)
+
+
+def train_progressions(
+    model: Any, steps: int, seq_len: int, lr: float, data_seed: int = 1
+) -> tuple[list[float], list[float]]:
+    """`steps` AdamW steps on a fixed batch of progressions; after each, the loss on held-out progressions (another
+    seed) in training mode without gradients. Returns (training losses, held-out losses)."""
+    model.train()
+    device = str(model.get_input_embeddings().weight.device)
+    train = progressions(PROGRESSION_ROWS, seq_len, data_seed, device)
+    held_out = progressions(PROGRESSION_ROWS, seq_len, data_seed + 10_000, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, eval_losses = [], []
+    for _ in range(steps):
+        loss = model(input_ids=train, labels=train).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(float(loss.item()), 4))
+        with torch.no_grad():
+            eval_losses.append(round(float(model(input_ids=held_out, labels=held_out).loss.item()), 4))
+    return losses, eval_losses
+
+
 def cap_memory(target: backends.Target, fraction: float) -> None:
     """Cap the allocator of this process at `fraction` of the device (the backend's own per-process fraction: of the
     GPU's total memory on CUDA and ROCm, of Metal's recommended working set on MPS)."""
@@ -281,6 +328,7 @@ def run_in_subprocess(
     data_seed: int = 1,
     env: dict[str, str] | None = None,
     verbose: bool = False,
+    task: str = "one-sequence",
 ) -> list[dict[str, Any]]:
     """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one).
     `env`: extra environment variables for the child (PYTORCH_CUDA_ALLOC_CONF, say). The child's stderr is kept
@@ -309,6 +357,8 @@ def run_in_subprocess(
         command += ["--memory-fraction", str(memory_fraction)]
     if data_seed != 1:
         command += ["--data-seed", str(data_seed)]
+    if task != "one-sequence":
+        command += ["--task", task]
     if verbose:
         command.append("--verbose")
     records: list[dict[str, Any]] = []
