@@ -89,6 +89,42 @@ def _mistral_7b_config() -> Any:
     )
 
 
+def llama3_rope_kwargs() -> dict[str, Any]:
+    """Llama 3.1's rope: base 500000 with the llama3 scaling (factor 8 over 8192 original positions), as
+    ``rope_parameters`` from transformers 5 and ``rope_theta`` / ``rope_scaling`` before."""
+    import inspect
+
+    import transformers
+
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}}
+    return {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **scaling}}
+
+
+def _llama_31_8b_config() -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=False,
+        **llama3_rope_kwargs(),
+    )
+
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "tiny",
@@ -96,7 +132,7 @@ PRESETS: dict[str, Preset] = {
         _tiny_config,
         seq_len=32,
         steps=3,
-        approx_bytes=2 * MiB,
+        approx_bytes=700 << 10,
     ),
     "small": Preset(
         "small",
@@ -114,6 +150,15 @@ PRESETS: dict[str, Preset] = {
         seq_len=512,
         steps=5,
         approx_bytes=14_500 * MiB,
+    ),
+    "llama-3.1-8b": Preset(
+        "llama-3.1-8b",
+        "the Llama-3.1-8B shape (vocab 128256, hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads, untied "
+        "head, llama3 rope scaling to 131072 positions), ~15.3 GB",
+        _llama_31_8b_config,
+        seq_len=512,
+        steps=5,
+        approx_bytes=15_320 * MiB,
     ),
 }
 
