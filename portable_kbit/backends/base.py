@@ -178,6 +178,21 @@ class Backend:
         kernel = sdpa_kernel_choice(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         return QUERY_BLOCKS if kernel == "MATH" else None
 
+    # ---- checkpointed layer inputs in host memory (prepare(offload_checkpoints=...)) ---------------------------
+
+    def why_no_offload(self, device: torch.device) -> str | None:
+        """Why keeping checkpointed layer inputs in host memory cannot help on this device (None: it can)."""
+        if self.is_unified(device):
+            return f"{self.name}: the device's memory is the host's, so moving tensors to the host frees nothing"
+        return None
+
+    def offload_stream(self, device: torch.device) -> object | None:
+        """A side stream for the copies between the device and the host (None: they run in line)."""
+        return None
+
+    #: host copies in page-locked memory, which a device copy can overlap with compute from
+    pins_host_memory: bool = False
+
     # ---- allocator caps (memory_guard) -------------------------------------------------------------------------
 
     def can_cap(self, device: torch.device) -> bool:

@@ -101,6 +101,11 @@ class CudaBackend(Backend):
                     continue
         return True
 
+    pins_host_memory = True
+
+    def offload_stream(self, device: torch.device) -> object | None:
+        return torch.cuda.Stream(device=self._index(device))
+
     # ---- allocator caps -------------------------------------------------------------------------------------------
 
     def can_cap(self, device: torch.device) -> bool:

@@ -36,6 +36,7 @@ def check_options(
     chunk_bytes: int | None = None,
     gradient_checkpointing_kwargs: Any = None,
     token_blocks: Any = None,
+    offload_checkpoints: Any = "auto",
 ) -> None:
     """prepare()'s options, checked before anything is touched (keyword names as prepare() takes them)."""
     checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -58,6 +59,11 @@ def check_options(
             f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes), or None for the backend's default"
         )
     check_token_blocks(token_blocks)
+    if not (offload_checkpoints is True or offload_checkpoints is False or offload_checkpoints == "auto"):
+        raise ValueError(
+            f"offload_checkpoints={offload_checkpoints!r} is not valid: use 'auto' (where it frees memory and was "
+            "measured to pay), True (on, or refused where it cannot help) or False"
+        )
     if checkpointing_kwargs is not None and not isinstance(checkpointing_kwargs, dict):
         raise TypeError(
             f"gradient_checkpointing_kwargs must be a dict or None, not {type(checkpointing_kwargs).__name__}"
@@ -91,6 +97,38 @@ def check_model(model: Any) -> ModelIndex:
             "Load the model with from_pretrained(...) onto a real device before prepare()."
         )
     return index
+
+
+#: what the host keeps free while checkpointed layer inputs are offloaded to it (each offload checks it too)
+OFFLOAD_HOST_MARGIN = 2 << 30
+
+
+def decide_offload(option: bool | str, target: Target, host_available: int, checkpointing: bool) -> tuple[bool, str]:
+    """Whether checkpointed layer inputs go to host memory, and why (or why not). An explicit True that cannot help
+    (unified memory, the CPU, no checkpointing, a host short of memory) is refused here, before any change."""
+    if option is False:
+        return False, "offload_checkpoints=False"
+    why_not = target.backend.why_no_offload(target.device)
+    if why_not is None and not checkpointing:
+        why_not = "gradient checkpointing is off: there are no checkpointed layer inputs to keep"
+    if why_not is None and host_available < OFFLOAD_HOST_MARGIN:
+        why_not = (
+            f"the host has {host_available >> 20} MiB available, less than the {OFFLOAD_HOST_MARGIN >> 20} MiB it "
+            "keeps free"
+        )
+    if why_not is not None and option is True:
+        raise ValueError(
+            f"offload_checkpoints=True: {why_not}. Pass offload_checkpoints='auto' (left off where it cannot help) "
+            "or False."
+        )
+    if why_not is not None:
+        return False, why_not
+    if option == "auto":
+        return False, (
+            "'auto' leaves it off until it is measured to pay on this kind of device; offload_checkpoints=True turns "
+            "it on"
+        )
+    return True, f"on: to {'pinned ' if target.backend.pins_host_memory else ''}host memory"
 
 
 def warn_if_not_quantized(index: ModelIndex) -> None:

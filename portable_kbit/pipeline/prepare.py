@@ -23,7 +23,8 @@ from ..model.layers import checkpointed_layers
 from ..model.trace import Trace, trace
 from ..patches import attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
-from ..patches.protocol import Hook, InstanceForward, PatchSet
+from ..patches.offload import CheckpointOffload
+from ..patches.protocol import Hook, InstanceAttribute, InstanceForward, PatchSet
 from ..patches.token_blocks import plan as token_blocks_plan
 from ..patches.token_blocks.counts import BlockedCalls
 from . import adapters, plan
@@ -33,6 +34,7 @@ from .checks import (
     check_checkpointing_support,
     check_model,
     check_options,
+    decide_offload,
     model_bytes,
     peft_positional_compat,
     resolve_target,
@@ -80,6 +82,7 @@ def prepare(
     gradient_checkpointing_kwargs: dict | None = None,
     chunk_bytes: int | None = None,
     token_blocks: int | str | None = None,
+    offload_checkpoints: bool | str = "auto",
 ) -> nn.Module:
     """Prepare a quantized transformers model (or a PeftModel) for LoRA/QLoRA training; returns the same model.
 
@@ -125,8 +128,15 @@ def prepare(
             length (``outputs.logits`` is then None); each decoder layer's MLP does the same in training mode. Only
             calls longer than one block are blocked; those pay one more forward of the head and of each MLP. An
             int: that many tokens per block. None (default): off. ``portable_kbit.report(model)`` says what was
-            blocked, and what was left alone and why; its ``token_block_calls`` count, as training
-            runs, the calls run in blocks and those run whole, with the reason.
+            blocked, and what was left alone and why; its ``token_block_calls`` count, as training runs, the calls
+            run in blocks and those run whole, with the reason.
+        offload_checkpoints: where the accelerator has memory of its own (a discrete CUDA or ROCm GPU), the layer
+            inputs that gradient checkpointing keeps between the forward and the backward go to (pinned) host memory,
+            copied on a side stream, and come back for each layer's recompute, the layer before prefetched: the
+            memory that limits long sequences. ``True``: on (refused before any change on unified memory, the CPU,
+            without checkpointing, or with less than 2 GiB available on the host). ``"auto"`` (default): off for now,
+            until it is measured to pay (the report says why). ``False``: off. ``report(model).offload`` counts what
+            went to the host and the host bytes it holds.
 
     Raises:
         ValueError: bad arguments, an unavailable device, a model on another device, nothing matched by
@@ -143,6 +153,7 @@ def prepare(
         chunk_bytes=chunk_bytes,
         gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         token_blocks=token_blocks,
+        offload_checkpoints=offload_checkpoints,
     )
     index = check_model(model)
     warn_if_not_quantized(index)
@@ -154,6 +165,7 @@ def prepare(
 
     changes, found = planned_changes(model, upcast, target_modules, frozen_norms, token_blocks, index)
     blocks_plan = plan_token_blocks(model, found, token_blocks, targets[0], befores[0])
+    offload = decide_offload(offload_checkpoints, target, befores[0].host_available, use_gradient_checkpointing)
     moved = model_bytes(model) if move_to is not None else 0
     shares = share_casts(targets, befores, changes.casts, chunk_bytes, moved)
     check_headroom(shares)
@@ -175,6 +187,7 @@ def prepare(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
         keep_inputs_off_the_leaves(model, checkpointing, transaction)
+        offloaded = offload_checkpoint_inputs(model, offload[0], target, transaction)
         keep_forwards_through_kernelization(model, transaction)
         finish_on_devices(shares)
         devices = measure_after(shares)
@@ -191,6 +204,8 @@ def prepare(
             attention_choice,
             blocks_plan,
             block_calls,
+            offload[1],
+            offloaded,
         )
     remember(model, PrepState(report, transaction.patches, checkpointing))
     return model
@@ -402,6 +417,24 @@ def keep_inputs_off_the_leaves(model: nn.Module, checkpointing: dict | None, tra
     embeddings = input_embeddings(hf_model(model))
     if embeddings is not None:
         transaction.patches.apply(Hook(embeddings, _copy_of_leaf_output, pre=False))
+
+
+def offload_checkpoint_inputs(
+    model: nn.Module, enabled: bool, target: Target, transaction: Transaction
+) -> CheckpointOffload | None:
+    """Each checkpointed layer's checkpoint function, wrapped so that the inputs it saves go to host memory
+    (patches/offload.py); returns the live counts of what went there."""
+    if not enabled:
+        return None
+    backend, device = target.backend, target.device
+    offload = CheckpointOffload(device, backend.offload_stream(device), backend.pins_host_memory)
+    for layer in checkpointed_layers(model):
+        checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None:
+            transaction.patches.apply(
+                InstanceAttribute(layer, "_gradient_checkpointing_func", offload.wrap(checkpoint))
+            )
+    return offload
 
 
 def keep_forwards_through_kernelization(model: nn.Module, transaction: Transaction) -> None:

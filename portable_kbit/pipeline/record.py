@@ -8,6 +8,7 @@ import torch
 
 from ..backends import Target
 from ..patches import attention
+from ..patches.offload import CheckpointOffload
 from ..patches.token_blocks import plan as token_blocks_plan
 from ..patches.token_blocks.counts import BlockedCalls
 from . import plan
@@ -28,6 +29,8 @@ def build_report(
     attention_choice: attention.AttentionChoice,
     blocks_plan: token_blocks_plan.BlocksPlan | None = None,
     block_calls: BlockedCalls | None = None,
+    offload_reason: str = "",
+    offload: CheckpointOffload | None = None,
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
@@ -72,6 +75,9 @@ def build_report(
         attention=attention_choice.implementation,
         attention_reason=attention_choice.reason,
         attention_calls=attention_choice.patch.calls if attention_choice.patch is not None else None,
+        offload_checkpoints=offload is not None,
+        offload_reason=offload_reason,
+        offload=offload,
         **_blocks_report(blocks_plan, block_calls),
         devices=devices,
     )

@@ -9,6 +9,7 @@ from typing import Any
 from ..constants import MiB
 from ..memory.snapshots import MemorySnapshot
 from ..patches.attention_call import AttentionCalls
+from ..patches.offload import CheckpointOffload
 from ..patches.token_blocks.counts import BlockedCalls
 
 
@@ -87,6 +88,11 @@ class PrepReport:
     # live, where prepare()'s attention is on the model: the path each call took ("sdpa", "sdpa, k/v expanded",
     # "query blocks" ...), and why a long call kept transformers' call
     attention_calls: AttentionCalls | None = None
+    # prepare(offload_checkpoints=...): whether checkpointed layer inputs go to host memory and why (or why not), and,
+    # where they do, live counts of what went there and the host bytes it holds
+    offload_checkpoints: bool = False
+    offload_reason: str = ""
+    offload: CheckpointOffload | None = None
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
@@ -129,6 +135,7 @@ class PrepReport:
         out["devices"] = {device: memory.to_dict() for device, memory in self.devices.items()}
         out["token_block_calls"] = self.token_block_calls.to_dict() if self.token_block_calls is not None else None
         out["attention_calls"] = self.attention_calls.to_dict() if self.attention_calls is not None else None
+        out["offload"] = self.offload.to_dict() if self.offload is not None else None
         out["deltas"] = {
             "allocated": self.allocated_delta,
             "reserved": self.reserved_delta,
@@ -165,6 +172,10 @@ class PrepReport:
             lines.append(f"  attention: {self.attention} ({self.attention_reason})")
         if self.attention_calls is not None:
             lines.append(f"  {self.attention_calls.line()}")
+        if self.offload is not None:
+            lines.append(f"  {self.offload.line()}")
+        elif self.gradient_checkpointing and self.offload_reason:
+            lines.append(f"  checkpointed layer inputs stay on the device ({self.offload_reason})")
         if self.token_blocks is not None:
             head = "head and loss" if self.blocked_head else "no head"
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""

@@ -1,0 +1,137 @@
+"""prepare(offload_checkpoints=...): the layer inputs gradient checkpointing keeps go to host memory where the device
+has memory of its own, and come back for the backward with the same values: the same loss and gradients. Refused
+before any change where it cannot help (the CPU and unified memory here; a CUDA GPU is where it runs for real, with a
+side stream and pinned memory: benchmarks/long_sequences.py on the GPU). On the CPU, a stand-in backend with "its
+own memory" runs the hooks for real (copies from the CPU to the CPU, no stream)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import model_state
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+import portable_kbit
+from portable_kbit.backends.cpu import CpuBackend
+from portable_kbit.patches import offload as offload_module
+from portable_kbit.patches.offload import CheckpointOffload
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.fixture
+def discrete_standin(monkeypatch):
+    """The CPU backend as if the device had memory of its own, and every saved tensor worth a copy."""
+    monkeypatch.setattr(CpuBackend, "why_no_offload", lambda self, device: None)
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+
+
+def step(model, checkpointing, **prepare_kwargs):
+    portable_kbit.prepare(model, target_modules=TARGETS, gradient_checkpointing_kwargs=checkpointing, **prepare_kwargs)
+    torch.manual_seed(5)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    model.train()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+CASES = {
+    "non-reentrant": ({"use_reentrant": False}, {}),
+    "reentrant": ({"use_reentrant": True}, {}),
+    "layer mode": ({"use_reentrant": False}, {"activations": "layer"}),
+    "token blocks": ({"use_reentrant": False}, {"token_blocks": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_offloaded_inputs_give_the_same_loss_and_gradients(discrete_standin, case):
+    checkpointing, options = CASES[case]
+    base = llama()
+    kept = step(copy.deepcopy(base), checkpointing, offload_checkpoints=False, **options)
+    moved = step(copy.deepcopy(base), checkpointing, offload_checkpoints=True, **options)
+    assert moved[0] == kept[0]
+    assert all(torch.equal(moved[1][n], kept[1][n]) for n in kept[1])
+    report = portable_kbit.report(moved[2].get_base_model())
+    assert report.offload_checkpoints and report.offload is not None
+    assert report.offload.offloaded >= 3, report.offload.to_dict()  # each layer's input, once per step
+    assert report.offload.peak_host_bytes >= 3 * 2 * 40 * 64 * 4  # three [2, 40, 64] fp32 inputs at least
+    assert "offloaded to host memory" in report.summary()
+
+
+def test_host_copies_are_freed_with_the_graph(discrete_standin):
+    _, _, model = step(llama(), {"use_reentrant": False}, offload_checkpoints=True)
+    offload = portable_kbit.report(model.get_base_model()).offload
+    gc.collect()
+    assert offload.host_bytes == 0 and offload.peak_host_bytes > 0  # the backward ran: nothing held any more
+
+
+@pytest.mark.parametrize("checkpointing", [{"use_reentrant": False}, {"use_reentrant": True}])
+def test_only_the_checkpoints_inputs_go_to_the_host(checkpointing):
+    """Inside the layer the checkpoint's own hooks stay innermost: one saved input per layer call, deduplicated."""
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    offload = CheckpointOffload(torch.device("cpu"), min_bytes=0)
+    run = offload.wrap(lambda function, *args: torch.utils.checkpoint.checkpoint(function, *args, **checkpointing))
+    x = torch.randn(4, 8, requires_grad=True)
+    out = run(layer, run(layer, x))
+    assert offload.offloaded == 2
+    out.sum().backward()
+    expected = torch.autograd.grad(layer(layer(x)).sum(), x)[0]
+    assert torch.allclose(x.grad, expected)
+
+
+def test_small_tensors_and_parameters_stay_on_the_device():
+    offload = CheckpointOffload(torch.device("cpu"))  # the default threshold: a MiB
+    small = torch.zeros(4)
+    assert offload.pack(small) is small and offload.kept == {"smaller than a copy is worth": 1}
+    weight = torch.nn.Parameter(torch.zeros(1 << 19))
+    assert offload.pack(weight) is weight and offload.kept["a parameter or a tensor subclass"] == 1
+    big = torch.zeros(1 << 19)  # 2 MiB
+    packed = offload.pack(big)
+    assert packed is not big and offload.pack(big) is packed  # copied once, however often it is saved
+    assert torch.equal(offload.unpack(packed), big) and offload.offloaded == 1
+
+
+def test_refused_before_any_change_where_it_cannot_help():
+    model = llama()
+    before = model_state.take(model)
+    with pytest.raises(ValueError, match=r"offload_checkpoints=True: cpu: the device's memory is the host's"):
+        portable_kbit.prepare(model, target_modules=TARGETS, offload_checkpoints=True)
+    model_state.assert_unchanged(before, model, "refused offload on the CPU")
+    with pytest.raises(ValueError, match="gradient checkpointing is off"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(CpuBackend, "why_no_offload", lambda self, device: None)
+            portable_kbit.prepare(
+                model, target_modules=TARGETS, offload_checkpoints=True, use_gradient_checkpointing=False
+            )
+    model_state.assert_unchanged(before, model, "refused offload without checkpointing")
+    with pytest.raises(ValueError, match=r"offload_checkpoints='yes' is not valid"):
+        portable_kbit.prepare(model, offload_checkpoints="yes")
+
+
+def test_auto_says_why_it_is_off():
+    model = llama()
+    portable_kbit.prepare(model, target_modules=TARGETS)  # offload_checkpoints="auto"
+    report = portable_kbit.report(model)
+    assert not report.offload_checkpoints and report.offload is None
+    assert "memory is the host's" in report.offload_reason
+    assert "stay on the device" in report.summary()
