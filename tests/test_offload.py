@@ -49,7 +49,7 @@ def step(model, checkpointing, **prepare_kwargs):
     torch.manual_seed(5)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
     model.train()
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(model.device)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, model
@@ -135,3 +135,21 @@ def test_auto_says_why_it_is_off():
     assert not report.offload_checkpoints and report.offload is None
     assert "memory is the host's" in report.offload_reason
     assert "stay on the device" in report.summary()
+
+
+def test_on_a_gpu_with_its_own_memory_the_inputs_go_to_pinned_host_memory(backend, device):
+    """The real path: a side stream, pinned host copies, the same loss and gradients (a discrete CUDA or ROCm GPU)."""
+    from portable_kbit import backends
+
+    target = backends.resolve(device)
+    if target.backend.why_no_offload(target.device) is not None:
+        pytest.skip(f"{target.backend.why_no_offload(target.device)} (the stand-in tests cover the hooks)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+        base = llama().to(device)
+        kept = step(copy.deepcopy(base), {"use_reentrant": False}, offload_checkpoints=False)
+        moved = step(copy.deepcopy(base), {"use_reentrant": False}, offload_checkpoints=True)
+    assert abs(moved[0] - kept[0]) <= 1e-6
+    assert all(torch.allclose(moved[1][n], kept[1][n], atol=1e-6) for n in kept[1])
+    offload = portable_kbit.report(moved[2].get_base_model()).offload
+    assert offload is not None and offload.pin and offload.offloaded >= 3
