@@ -54,6 +54,8 @@ VARIANTS: dict[str, str] = {
     "ours-peft": "portable_kbit.prepare(upcast='peft')",
     "ours-layer": "portable_kbit.prepare(activations='layer')",
     "ours-fp32-upcast": "portable_kbit.prepare(activations='fp32', frozen_norms='upcast')",
+    "ours-fp32-offload": "portable_kbit.prepare(activations='fp32', offload_checkpoints=True)",
+    "ours-native-offload": "portable_kbit.prepare(activations='native', offload_checkpoints=True)",
 }
 DEFAULT_VARIANTS = ("none", "peft-noclear", "peft", "ours-fp32", "ours-native", "ours-peft")
 
@@ -195,9 +197,20 @@ def run_variant(
                 extra["losses"], extra["eval_losses"] = train_progressions(model, steps, seq_len, lr, data_seed)
             else:
                 extra["losses"] = train_steps(model, target, steps, seq_len, lr, samples, data_seed)
+            offloaded = _offload_of(model)
+            if offloaded is not None:
+                extra["offload"] = offloaded
     except _Stop:
         pass
     return phases.records
+
+
+def _offload_of(model: Any) -> dict[str, Any] | None:
+    """What prepare(offload_checkpoints=True) sent to the host during the train phase (None: not on)."""
+    from ..pipeline.prepare import report
+
+    done = report(model.get_base_model()) if hasattr(model, "get_base_model") else None
+    return done.offload.to_dict() if done is not None and done.offload is not None else None
 
 
 def prepare_variant(model: Any, variant: str, target: backends.Target, targets: Any, extra: dict) -> Any:
@@ -224,6 +237,8 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-peft": {"upcast": "peft"},
         "ours-layer": {"activations": "layer"},
         "ours-fp32-upcast": {"frozen_norms": "upcast"},
+        "ours-fp32-offload": {"offload_checkpoints": True},
+        "ours-native-offload": {"activations": "native", "offload_checkpoints": True},
     }[variant]
     model = prepare(
         model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
@@ -242,6 +257,7 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "chunk_bytes": done.chunk_bytes,
         "seconds": round(done.seconds, 4),
         "trace_seconds": round(done.trace_seconds, 4),
+        "offload": done.offload_reason,
     }
     return model
 
