@@ -231,7 +231,7 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
             return prepare_model_for_kbit_training(model, **kwargs)
     from ..pipeline.prepare import prepare, report
 
-    options: dict[str, Any] = {
+    by_variant: dict[str, dict[str, Any]] = {
         "ours-fp32": {},
         "ours-native": {"activations": "native"},
         "ours-peft": {"upcast": "peft"},
@@ -239,7 +239,8 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-fp32-upcast": {"frozen_norms": "upcast"},
         "ours-fp32-offload": {"offload_checkpoints": True},
         "ours-native-offload": {"activations": "native", "offload_checkpoints": True},
-    }[variant]
+    }
+    options = by_variant[variant]
     model = prepare(
         model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
     )
