@@ -60,6 +60,33 @@ for stage in "$@"; do
         python3 benchmarks/forecast_accuracy.py --preset mistral-7b --device cuda --out "$out/forecast-5steps" \
             --timeout 300 --max-probes 6 --probe-steps 5 > "$out/forecast-5steps.log" 2>&1
         ;;
+    preset-llama)  # the Llama-3.1-8B shape (vocabulary 128256, llama3 rope scaling), random bf16 weights
+        python3 -m portable_kbit compare llama-3.1-8b --build-preset --device cuda:0
+        ;;
+    attention-blocks)  # one attention call per path at 1024-8192 tokens, Mistral's 32 / 8 heads
+        python3 benchmarks/attention_blocks.py --device cuda --heads 32 --out "$out/attention_blocks.jsonl" \
+            > "$out/attention_blocks.log" 2>&1
+        ;;
+    standin)  # a Mistral-7B training step at 8192 tokens with the MPS attention decisions: fused, math, query blocks
+        python3 benchmarks/mps_standin_step.py --preset mistral-7b --device cuda --lengths 8192 --steps 2 \
+            --out "$out" > "$out/standin.log" 2>&1
+        ;;
+    consumer-fit-12|consumer-fit-16)  # Llama-3.1-8B, LoRA r32 on all linear layers, at unsloth's published lengths
+        cap="${stage##*-}"
+        if [ "$cap" = 12 ]; then lengths=21848,32768; else lengths=40724,61086; fi
+        python3 benchmarks/long_sequences.py --preset llama-3.1-8b --device cuda:0 --out "$out/fit$cap" --measure fit \
+            --lora all-r32 --cap-gib "$cap" --steps 2 --jobs 2 --fit-lengths "$lengths" \
+            --variants "${FIT_VARIANTS:-native+blocks+offload,fp32+blocks+offload}" > "$out/fit$cap.log" 2>&1
+        ;;
+    profile)  # where a 4096-token step's time goes, per variant (Mistral-7B shape)
+        python3 benchmarks/profile_step.py --preset mistral-7b --device cuda:0 --seq-len 4096 --out "$out/profile" \
+            --variants "${PROFILE_VARIANTS:-native,native+blocks,fp32,fp32+blocks}" > "$out/profile.log" 2>&1
+        ;;
+    offload-time)  # step time with and without offloaded checkpoints (Mistral-7B shape, uncapped)
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
+            --time-lengths "${TIME_LENGTHS:-4096}" \
+            --variants "${TIME_VARIANTS:-native,native+offload,fp32,fp32+offload}" > "$out/offload_time.log" 2>&1
+        ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
         python3 benchmarks/oom_midprepare.py --device cuda --out "$out/oom_midprepare.json" > "$out/oom.log" 2>&1
         ;;
@@ -76,6 +103,9 @@ for stage in "$@"; do
         ;;
     pytest)
         python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1
+        ;;
+    pytest-timed)  # the whole suite, stopped after PYTEST_SECONDS (what ran is in the log)
+        timeout "${PYTEST_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1
         ;;
     pytest-bg)
         (python3 -m pytest -q -p no:cacheprovider tests > "$out/pytest-cuda.log" 2>&1; echo "pytest exit $?" \

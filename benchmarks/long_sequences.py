@@ -49,18 +49,29 @@ class Variant:
     activations: str = "fp32"
     token_blocks: str | int | None = None
     liger: bool = False
+    offload: bool = False  # prepare(offload_checkpoints=True): checkpointed layer inputs in host memory
 
 
-VARIANTS: dict[str, Variant] = {
-    "peft": Variant("peft"),
-    "fp32": Variant("ours", "fp32"),
-    "fp32+blocks": Variant("ours", "fp32", "auto"),
-    "fp32+liger": Variant("ours", "fp32", None, liger=True),
-    "native": Variant("ours", "native"),
-    "native+blocks": Variant("ours", "native", "auto"),
-    "native+liger": Variant("ours", "native", None, liger=True),
-    "layer": Variant("ours", "layer"),
-    "layer+blocks": Variant("ours", "layer", "auto"),
+def _variants() -> dict[str, Variant]:
+    """peft, and each activations mode alone, with token blocks, with offloaded checkpoints, with both; fp32 and
+    native also with Liger's fused linear cross entropy."""
+    variants = {"peft": Variant("peft")}
+    for mode in ("fp32", "native", "layer"):
+        variants[mode] = Variant("ours", mode)
+        variants[f"{mode}+blocks"] = Variant("ours", mode, "auto")
+        variants[f"{mode}+offload"] = Variant("ours", mode, offload=True)
+        variants[f"{mode}+blocks+offload"] = Variant("ours", mode, "auto", offload=True)
+        if mode != "layer":
+            variants[f"{mode}+liger"] = Variant("ours", mode, liger=True)
+    return variants
+
+
+VARIANTS = _variants()
+#: --lora: where the adapters go and their rank. "qkvo-r16": the compare workload's; "all-r32": every linear layer of
+#: the decoder layers at rank 32, the setting of unsloth's published context-length table
+LORA = {
+    "qkvo-r16": (None, 16),
+    "all-r32": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 32),
 }
 DEFAULT_VARIANTS = "peft,fp32,fp32+blocks,fp32+liger,layer,layer+blocks,native,native+blocks,native+liger"
 #: --expandable: the children's allocator setting, and the suffix their records' variant names get
@@ -83,8 +94,8 @@ def liger_available() -> str | None:
     return None
 
 
-def load_prepared(checkpoint: str, variant: str, device: str) -> tuple[Any, Any, dict]:
-    """Load the checkpoint through bitsandbytes nf4, prepare it as the variant says, attach LoRA r=16."""
+def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-r16") -> tuple[Any, Any, dict]:
+    """Load the checkpoint through bitsandbytes nf4, prepare it as the variant says, attach LoRA as `lora` says."""
     from peft import LoraConfig, get_peft_model
 
     from portable_kbit import backends, prepare, report
@@ -92,7 +103,8 @@ def load_prepared(checkpoint: str, variant: str, device: str) -> tuple[Any, Any,
 
     spec = VARIANTS[variant]
     target = backends.resolve(device)
-    targets = compare.lora_targets(checkpoint)
+    names, rank = LORA[lora]
+    targets = names or compare.lora_targets(checkpoint)
     model = tiny.load(checkpoint, "bnb-nf4", str(target.device))
     info: dict[str, Any] = {}
     if spec.prep == "peft":
@@ -104,10 +116,12 @@ def load_prepared(checkpoint: str, variant: str, device: str) -> tuple[Any, Any,
             target_modules=targets,
             activations=spec.activations,
             token_blocks=spec.token_blocks,
+            offload_checkpoints=spec.offload,
             gradient_checkpointing_kwargs=CHECKPOINTING,
         )
         done = report(model)
         if done is not None:
+            info["offload"] = done.offload_reason
             info["token_blocks"] = done.token_blocks
             info["blocked_head"] = done.blocked_head
             info["blocked_mlps"] = len(done.blocked_mlps)
@@ -122,7 +136,8 @@ def load_prepared(checkpoint: str, variant: str, device: str) -> tuple[Any, Any,
     import torch
 
     torch.manual_seed(0)  # the same LoRA A initialisation in every process: losses comparable step by step
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    model = get_peft_model(model, config)
     return model, target, info
 
 
@@ -161,25 +176,36 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def child_fit(checkpoint: str, variant: str, device: str, seq_len: int, steps: int, cap_bytes: int) -> dict:
+def _offloaded(model: Any) -> dict | None:
+    """What prepare(offload_checkpoints=True) sent to the host while training (None: not on)."""
+    from portable_kbit import report
+
+    done = report(model)
+    return done.offload.to_dict() if done is not None and done.offload is not None else None
+
+
+def child_fit(
+    checkpoint: str, variant: str, device: str, seq_len: int, steps: int, cap_bytes: int, lora: str = "qkvo-r16"
+) -> dict:
     """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
     import torch
 
     from portable_kbit import backends
     from portable_kbit.tools import compare
 
-    record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device}
+    record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device, "lora": lora}
     target = backends.resolve(device)
     if target.device.type == "cuda":
         total = torch.cuda.get_device_properties(target.device).total_memory
         compare.cap_memory(target, cap_bytes / total)
         record["cap_mib"] = cap_bytes // MiB
     try:
-        model, target, info = load_prepared(checkpoint, variant, device)
+        model, target, info = load_prepared(checkpoint, variant, device, lora)
         record.update(info)
         target.backend.reset_peak(target.device)
         record["losses"], record["seconds"] = train(model, target, steps, seq_len)
         record["fits"] = True
+        record["offloaded"] = _offloaded(model)
     except Exception as error:
         record["fits"] = False
         if not _out_of_memory(error):
@@ -188,11 +214,13 @@ def child_fit(checkpoint: str, variant: str, device: str, seq_len: int, steps: i
     return record
 
 
-def child_time(checkpoint: str, variant: str, device: str, lengths: list[int], steps: int) -> list[dict]:
+def child_time(
+    checkpoint: str, variant: str, device: str, lengths: list[int], steps: int, lora: str = "qkvo-r16"
+) -> list[dict]:
     """In this process, uncapped: the step time and losses at each length, from the same starting adapter."""
     records = []
     try:
-        model, target, info = load_prepared(checkpoint, variant, device)
+        model, target, info = load_prepared(checkpoint, variant, device, lora)
     except Exception as error:
         return [{"variant": variant, "phase": "time", "error": f"{type(error).__name__}: {str(error)[:300]}"}]
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -200,11 +228,19 @@ def child_time(checkpoint: str, variant: str, device: str, lengths: list[int], s
         with_grad = dict(model.named_parameters())
         for name, value in start.items():
             with_grad[name].data.copy_(value)
-        record: dict[str, Any] = {"variant": variant, "phase": "time", "seq_len": seq_len, "steps": steps, **info}
+        record: dict[str, Any] = {
+            "variant": variant,
+            "phase": "time",
+            "seq_len": seq_len,
+            "steps": steps,
+            "lora": lora,
+            **info,
+        }
         target.backend.reset_peak(target.device)
         try:
             record["losses"], record["seconds"] = train(model, target, steps, seq_len)
             record["step_seconds"] = statistics.median(record["seconds"][1:] or record["seconds"])
+            record["offloaded"] = _offloaded(model)
         except Exception as error:
             record["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
         record.update(_peaks(target))
@@ -225,6 +261,8 @@ def _child_command(args: argparse.Namespace, checkpoint: str, *extra: str) -> li
         args.device,
         "--steps",
         str(args.steps),
+        "--lora",
+        args.lora,
         *extra,
     ]
 
@@ -250,12 +288,13 @@ def _records(stdout: str) -> list[dict]:
 class FitSearch:
     """The ascending search of one variant: lengths tested in order, stopped at the first that does not fit."""
 
-    def __init__(self, variant: str, start: int, stop: int, coarse: int) -> None:
+    def __init__(self, variant: str, start: int, stop: int, coarse: int, lengths: list[int] | None = None) -> None:
         self.variant, self.start, self.stop, self.coarse = variant, start, stop, coarse
         step = coarse if coarse else 256
-        self.queue = list(range(start, stop + 1, step))
+        # `lengths`: these alone, in order (a probe of given lengths, no refinement)
+        self.queue = sorted(lengths) if lengths else list(range(start, stop + 1, step))
         self.results: dict[int, dict] = {}
-        self.refined = not coarse
+        self.refined = not coarse or bool(lengths)
 
     def first_failure(self) -> int | None:
         failed = [n for n, r in self.results.items() if not r.get("fits")]
@@ -290,7 +329,7 @@ class FitSearch:
 def run_fits(
     args: argparse.Namespace, checkpoint: str, variants: list[str], emit: Callable[[dict], None], log
 ) -> dict[str, dict]:
-    searches = {v: FitSearch(v, args.fit_start, args.fit_stop, args.coarse) for v in variants}
+    searches = {v: FitSearch(v, args.fit_start, args.fit_stop, args.coarse, args.fit_lengths) for v in variants}
     running: dict[subprocess.Popen, tuple[str, int]] = {}
     order = list(variants)
     while True:
@@ -342,6 +381,7 @@ def run_fits(
             "first_failure": search.first_failure(),
             "tested": sorted(search.results),
             "cap_mib": int(args.cap_gib * GiB) // MiB,
+            "lora": args.lora,
             "error": errors[0] if errors else None,
         }
         emit(summary[variant])
@@ -490,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-start", type=int, default=1024)
     parser.add_argument("--fit-stop", type=int, default=8192)
     parser.add_argument("--coarse", type=int, default=0, help="first search in steps of this (a multiple of 256)")
+    parser.add_argument(
+        "--fit-lengths",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="test these lengths alone (comma-separated), in order, instead of the search",
+    )
+    parser.add_argument("--lora", choices=sorted(LORA), default="qkvo-r16", help="adapter targets and rank")
     parser.add_argument("--append", action="store_true", help="add to the result files instead of replacing them")
     parser.add_argument(
         "--expandable",
@@ -510,12 +556,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child == "fit":
         warnings.simplefilter("ignore")  # one JSON line on stdout is the result; warnings go to stderr anyway
         print(
-            json.dumps(child_fit(args.checkpoint, args.variant, args.device, args.seq_len, args.steps, args.cap_bytes))
+            json.dumps(
+                child_fit(
+                    args.checkpoint, args.variant, args.device, args.seq_len, args.steps, args.cap_bytes, args.lora
+                )
+            )
         )
         return 0
     if args.child == "time":
         lengths = [int(x) for x in args.seq_lens.split(",")]
-        for record in child_time(args.checkpoint, args.variant, args.device, lengths, args.steps):
+        for record in child_time(args.checkpoint, args.variant, args.device, lengths, args.steps, args.lora):
             print(json.dumps(record), flush=True)
         return 0
     return run(args)
