@@ -56,12 +56,12 @@ def _variants() -> dict[str, Variant]:
     """peft, and each activations mode alone, with token blocks, with offloaded checkpoints, with both; fp32 and
     native also with Liger's fused linear cross entropy."""
     variants = {"peft": Variant("peft")}
-    for mode in ("fp32", "native", "layer"):
+    for mode in ("fp32", "mixed", "native", "layer"):
         variants[mode] = Variant("ours", mode)
         variants[f"{mode}+blocks"] = Variant("ours", mode, "auto")
         variants[f"{mode}+offload"] = Variant("ours", mode, offload=True)
         variants[f"{mode}+blocks+offload"] = Variant("ours", mode, "auto", offload=True)
-        if mode != "layer":
+        if mode in ("fp32", "native"):
             variants[f"{mode}+liger"] = Variant("ours", mode, liger=True)
     return variants
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("peft", "ours-fp32", "ours-layer", "ours-native")
+VARIANTS = ("peft", "ours-fp32", "ours-mixed", "ours-layer", "ours-native")
 
 
 def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: str, task: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def load(arch: str, backend: str, device: str):
     return tiny.load(tiny.checkpoint(arch), "bnb-nf4", device)
 
 
-@pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
+@pytest.mark.parametrize("activations", ["fp32", "mixed", "layer", "native"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compute_and_upcast_train_bit_for_bit_alike(backend, device, arch, activations):
     targets = tiny.LORA_TARGETS[arch]
@@ -101,7 +101,7 @@ def test_a_failing_norm_forward_leaves_its_parameters_alone(backend, device):
     assert norm.weight is weight and norm.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
+@pytest.mark.parametrize("activations", ["fp32", "mixed", "layer", "native"])
 def test_save_pretrained_writes_the_dtypes_the_model_was_loaded_with(backend, device, activations, tmp_path):
     model = load("llama", backend, device)
     with safe_open(os.path.join(tiny.checkpoint("llama"), "model.safetensors"), "pt") as original:

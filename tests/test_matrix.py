@@ -26,7 +26,7 @@ from portable_kbit.tools import tiny
 # plus the weight-only quantizers that load through transformers where their package installs.
 EXTRA_QUANTIZERS = ("torchao-int8", "torchao-int4", "hqq-4bit")
 QUANTIZERS = tuple(tiny.QUANTIZERS) + EXTRA_QUANTIZERS
-ACTIVATIONS = ("fp32", "layer", "native")
+ACTIVATIONS = ("fp32", "mixed", "layer", "native")
 
 # what portable_kbit.report() calls each quantizer's weights
 REPORTED = {
@@ -134,7 +134,7 @@ def test_cell(backend, device, arch, quantizer, activations):
     assert report.fp32_compute_norms == report.upcast_norms and report.upcast == []
     assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
 
-    # the flow: an upcast norm hands on fp32 ("fp32", "layer") or the model's dtype ("native")
+    # the flow: an upcast norm hands on fp32 ("fp32", "mixed", "layer") or the model's dtype ("native")
     seen: list[torch.dtype] = []
     probe = model.get_submodule(report.upcast_norms[0]).register_forward_hook(
         lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).dtype)
@@ -161,7 +161,7 @@ def test_cell(backend, device, arch, quantizer, activations):
         optimizer.step()
         optimizer.zero_grad()
     probe.remove()
-    expected = torch.float32 if activations in ("fp32", "layer") else torch.bfloat16
+    expected = torch.float32 if activations in ("fp32", "mixed", "layer") else torch.bfloat16
     assert seen and set(seen) == {expected}, (activations, seen)
 
     for name, p in quantized.items():  # never touched: the same bits after prepare() and two training steps

@@ -166,7 +166,7 @@ def batch():
     return {"input_ids": ids, "labels": ids}
 
 
-@pytest.mark.parametrize("activations", ["fp32", "layer", "native"])
+@pytest.mark.parametrize("activations", ["fp32", "mixed", "layer", "native"])
 def test_on_the_mps_standin_every_mode_runs_long_calls_over_query_blocks(mps_standin, activations):
     _, _, model = train_step(llama(), batch(), activations)
     report = portable_kbit.report(model.get_base_model())

@@ -157,15 +157,21 @@ def test_second_call_switching_activations_replaces_the_flow_hooks(backend, devi
     norm = model.model.layers[0].input_layernorm
     x = tiny.batch(256, 8, 0, device)
     hooks_by_mode: dict = {}
-    modes = (("fp32", torch.float32), ("native", torch.bfloat16), ("layer", torch.float32), ("fp32", torch.float32))
+    modes = (
+        ("fp32", torch.float32),
+        ("native", torch.bfloat16),
+        ("layer", torch.float32),
+        ("mixed", torch.float32),
+        ("fp32", torch.float32),
+    )
     for activations, expected in modes:
         portable_kbit.prepare(model, target_modules=tiny.LORA_TARGETS[arch], activations=activations)
         assert norm.weight.dtype == torch.bfloat16  # computed in fp32 at call time, in both modes
         # The modes install different hooks (fp32 also casts the embedding output up and computes lm_head in fp32
         # through an instance forward); a repeat of a mode installs exactly what its first call did: no duplicates.
         assert hooks_by_mode.setdefault(activations, hooks_per_module(model)) == hooks_per_module(model)
-        assert ("forward" in model.lm_head.__dict__) == (activations in ("fp32", "layer"))
-        assert override_depths(model).get("lm_head", 0) == (activations in ("fp32", "layer"))
+        assert ("forward" in model.lm_head.__dict__) == (activations in ("fp32", "mixed", "layer"))
+        assert override_depths(model).get("lm_head", 0) == (activations in ("fp32", "mixed", "layer"))
         assert override_depths(model)["model.layers.0.input_layernorm"] == 1
         seen = []
         probe = norm.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))  # after the flow hooks

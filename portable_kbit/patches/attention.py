@@ -113,10 +113,11 @@ class AttentionImplementation(Patch):
     """Our attention implementation on a transformers model, as a patch: ``remove()`` puts back the implementation
     the model had, unless something else has changed it since (the user's later choice stands)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.original = ConfigSnapshot([])
-        self.calls = AttentionCalls()  # the paths its calls take, counted while it stands
+        # fp32 calls compute in compute_dtype (None: fp32); the paths its calls take, counted while it stands
+        self.calls = AttentionCalls(compute_dtype)
 
     def apply(self) -> None:
         before = ConfigSnapshot.take(self.model)
@@ -171,12 +172,18 @@ def _ours_as_sdpa(attributes: dict[str, Any]) -> dict[str, Any]:
 
 
 def choose(
-    model: nn.Module, backend: Backend, device: torch.device, fp32_reason: str | None, replaced: bool = False
+    model: nn.Module,
+    backend: Backend,
+    device: torch.device,
+    fp32_reason: str | None,
+    replaced: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> AttentionChoice:
     """What to do with a transformers model's attention (a PeftModel's base model): our implementation where its
     attention is transformers' sdpa and q/k/v will be fp32 (``fp32_reason``), or the backend says attention would hold
     L x L scores in every mode; else it is left as it is. `replaced`: the last prepare()'s switch was just removed (the
-    reason says so). Changes nothing: the choice's patch does, once applied."""
+    reason says so). `compute_dtype`: fp32 calls compute in this dtype ("mixed"). Changes nothing: the choice's patch
+    does, once applied."""
     configs = attention_configs(model)
     implementations = [c._attn_implementation for c in configs]
     current = implementations[0] if implementations else None
@@ -198,7 +205,12 @@ def choose(
         reason = f"{type(model).__name__} cannot switch its attention implementation: sdpa left as it is"
         return AttentionChoice(current, f"{why}; {reason}", note=f"{why}; {reason}")
     detail = backend.fp32_attention if fp32_reason else f"{backend.name}: long calls as the backend says"
-    return AttentionChoice(ATTENTION_NAME, f"{why}; {detail}", AttentionImplementation(model))
+    if fp32_reason and compute_dtype is not None:
+        half = str(compute_dtype).removeprefix("torch.")
+        detail = f"q/k/v cast to {half} for the half-precision kernels, output back in fp32"
+        if scores_reason:
+            detail += f"; {backend.name}: long calls as the backend says"
+    return AttentionChoice(ATTENTION_NAME, f"{why}; {detail}", AttentionImplementation(model, compute_dtype))
 
 
 def refused(model: nn.Module, choice: AttentionChoice) -> AttentionChoice:

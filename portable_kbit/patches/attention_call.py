@@ -11,6 +11,10 @@ The paths, decided per call with the call's own tensors and the device's Backend
   ``memory-efficient kernel, asked for`` (transformers' call inside ``sdpa_kernel``) or ``query blocks``
   (patches/query_blocks.py). A call query blocks cannot take (dropout while training, a mask that takes gradients)
   keeps transformers' call, and is counted with the reason.
+
+Where the model's switch asked for it (``activations="mixed"``), fp32 q/k/v are cast to the model's half-precision
+dtype first, so the call takes the fused half-precision kernels (flash, cuDNN), and the output is cast back to fp32;
+such paths are counted as "<path> in <dtype>".
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ EXPANDED = "sdpa, k/v expanded"
 
 
 class AttentionCalls:
-    """Live counts since prepare(): the calls per path, and the long calls that kept transformers' call, by reason."""
+    """Our attention on one model: the dtype fp32 calls compute in (None: fp32), and live counts since prepare() of
+    the calls per path and of the long calls that kept transformers' call, by reason."""
 
-    def __init__(self) -> None:
+    def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
+        self.compute_dtype = compute_dtype
         self.paths: Counter[str] = Counter()
         self.kept: Counter[str] = Counter()
 
@@ -74,8 +80,10 @@ def _calls_of(config: Any) -> AttentionCalls | None:
     return entry[1] if entry is not None and entry[0]() is config else None
 
 
-def _count(module: Any, path: str, kept: str | None = None) -> None:
+def _count(module: Any, path: str, kept: str | None = None, dtype: torch.dtype | None = None) -> None:
     calls = _calls_of(getattr(module, "config", None))
+    if dtype is not None:
+        path = f"{path} in {str(dtype).removeprefix('torch.')}"
     if calls is not None:
         calls.paths[path] += 1
         if kept is not None:
@@ -222,13 +230,52 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """prepare()'s attention function: transformers' sdpa attention, on the path this call gets (module doc)."""
+    calls = _calls_of(getattr(module, "config", None))
+    half = calls.compute_dtype if calls is not None else None
+    if half is not None and query.dtype == torch.float32:
+        return _in_half_precision(module, half, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def _in_half_precision(
+    module: nn.Module,
+    dtype: torch.dtype,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """The call with q/k/v (and a floating-point mask) in `dtype`, its output back in fp32."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(dtype)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    output, weights = _attention(module, q, k, v, attention_mask, dropout, scaling, is_causal, kwargs, dtype)
+    return output.to(query.dtype), weights
+
+
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict[str, Any],
+    cast_to: torch.dtype | None = None,
+) -> tuple[torch.Tensor, Any]:
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     position_bias = kwargs.get("position_bias")
     path, kept = path_of(module, query, key, value, attention_mask, dropout, is_causal, position_bias)
     if path == QUERY_BLOCKS:
         if kwargs.get("softcap") is None and not kwargs.get("output_attentions"):
-            _count(module, path)
+            _count(module, path, dtype=cast_to)
             return _query_blocks(module, query, key, value, attention_mask, scaling, is_causal, position_bias)
         path, kept = SDPA, "softcap or output_attentions (sdpa's own refusal or warning follows)"
     caller: Any = module
@@ -241,7 +288,7 @@ def attention_forward(
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         context = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
-    _count(module, path, kept)
+    _count(module, path, kept, cast_to)
     with context:
         return sdpa_attention_forward(
             caller, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

@@ -28,7 +28,9 @@ from .layer_mode import layer_in_fp32, layer_output_to
 from .protocol import Forward, Hook, InstanceForward, Patch
 
 #: activations modes in which adapted layers compute in fp32 (the upcast norms hand fp32 on)
-FP32_FLOWS = ("fp32", "layer")
+FP32_FLOWS = ("fp32", "mixed", "layer")
+#: modes whose hidden stream is fp32 from the embedding on (in "layer" mode, only inside the layers)
+FP32_STREAMS = ("fp32", "mixed")
 
 STRICT_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, Conv1D)
 
@@ -230,6 +232,19 @@ def _embedding_output_to_fp32(module: nn.Module, args: tuple, output: Any) -> An
     return output.float() if isinstance(output, torch.Tensor) and output.dtype in HALF_DTYPES else None
 
 
+def output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
+    """A forward hook: the module's first floating-point output in `dtype` ("mixed": a frozen norm inside a layer that
+    feeds no adapter hands the model's dtype on, so what it feeds, the MLP, computes as without preparation)."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        y = first_tensor(output)
+        if y is None or not y.is_floating_point() or y.dtype == dtype:
+            return None
+        return replace_first(output, y.to(dtype))
+
+    return hook
+
+
 def install(
     upcast_norms: dict[nn.Module, torch.dtype],
     consumers: list[nn.Module],
@@ -239,6 +254,7 @@ def install(
     compute_norms: Sequence[nn.Module] = (),
     layers: Sequence[nn.Module] = (),
     fallback_consumers: Sequence[nn.Module] = (),
+    half_norms: Sequence[nn.Module] = (),
 ) -> list[Patch]:
     """The dtype flow's patches, in the order to apply them (removed newest first, they restore the originals).
 
@@ -248,7 +264,10 @@ def install(
     block by block instead of rounding its input and output to bf16. With "layer" activations the upcast norms hand
     fp32 on inside each checkpointed layer (`layers`), whose output is cast back to the model's dtype: the stream
     between layers and the checkpointed layer inputs stay half precision (each layer computes as in "fp32" mode: its
-    inputs are cast to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode.
+    inputs are cast to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode. With "mixed"
+    activations the flow is that of "fp32", except that the norms in `half_norms` (inside the layers, feeding no
+    adapter) hand on the model's dtype: the frozen MLPs after them compute as without preparation and add their
+    output to the fp32 stream (attention's half-precision kernels are patches/attention.py's).
     """
     patches: list[Patch] = []
     fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
@@ -263,7 +282,7 @@ def install(
         patches += [Hook(norm, flow.before, pre=True), Hook(norm, flow.after, pre=False)]
         if in_fp32:
             patches.append(InstanceForward(norm, fp32_compute_forward(norm)))
-    if fp32_inside and activations == "fp32" and input_embeddings is not None:
+    if fp32_inside and activations in FP32_STREAMS and input_embeddings is not None:
         patches.append(Hook(input_embeddings, _embedding_output_to_fp32, pre=False))
     if fp32_inside and activations == "layer":
         native = next(iter(upcast_norms.values()))
@@ -277,6 +296,9 @@ def install(
         guard = InputDtypeGuard()
         patches.append(Hook(module, guard.before, pre=True, with_kwargs=True))
         patches.append(Hook(module, guard.after, pre=False))
+    if fp32_inside and activations == "mixed" and half_norms:
+        native = next(iter(upcast_norms.values()))
+        patches += [Hook(norm, output_to(native), pre=False) for norm in half_norms if norm not in upcast_norms]
     if fp32_inside:
         for module in fallback_consumers:
             patches.append(InstanceForward(module, _fallback_forward(module)))

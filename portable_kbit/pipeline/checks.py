@@ -18,7 +18,7 @@ from ..patches.token_blocks.plan import check_option as check_token_blocks
 from . import plan
 
 #: prepare()'s ``activations`` modes
-ACTIVATIONS = ("fp32", "layer", "native")
+ACTIVATIONS = ("fp32", "mixed", "layer", "native")
 
 
 def peft_positional_compat(device: Any, use_gradient_checkpointing: bool) -> tuple[Any, bool]:
@@ -44,8 +44,9 @@ def check_options(
         raise ValueError(f"upcast={upcast!r} is not a policy; use one of {', '.join(map(repr, plan.POLICIES))}")
     if activations not in ACTIVATIONS:
         raise ValueError(
-            f"activations={activations!r} is not known; use 'fp32' (peft's numerics), 'layer' (fp32 inside each "
-            "checkpointed layer, the model's dtype between layers) or 'native'"
+            f"activations={activations!r} is not known; use 'fp32' (peft's numerics), 'mixed' (fp32 stream and "
+            "adapters, attention and frozen MLPs in the model's dtype), 'layer' (fp32 inside each checkpointed layer, "
+            "the model's dtype between layers) or 'native'"
         )
     if frozen_norms not in plan.FROZEN_NORMS:
         raise ValueError(

@@ -171,7 +171,7 @@ def build(
         casts.append(ParamCast(name, module, attr, p.dtype, torch.float32, p.numel(), p.device))
 
     cast_dtype_by_module = {id(c.module): c.old_dtype for c in casts}
-    native = _model_dtype(index)
+    native = model_dtype(index)
     norm_dtypes = {}
     for norm in upcast_norms:
         module = modules[norm]
@@ -194,7 +194,7 @@ def _modules_to_save_targets(index: ModelIndex, spec: AdapterSpec | None) -> lis
     return spec.modules_to_save
 
 
-def _model_dtype(index: ModelIndex) -> torch.dtype | None:
+def model_dtype(index: ModelIndex) -> torch.dtype | None:
     """The dtype activations flow in natively: that of the first half-precision unquantized weight (None: none)."""
     for name, p in index.parameters.items():
         if p.dtype in HALF_DTYPES and name not in index.quantized:

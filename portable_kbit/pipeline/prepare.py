@@ -20,6 +20,7 @@ from ..memory.snapshots import MemorySnapshot
 from ..model.hf import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
 from ..model.index import ModelIndex
 from ..model.layers import checkpointed_layers
+from ..model.norms import is_norm
 from ..model.trace import Trace, trace
 from ..patches import attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
@@ -105,12 +106,16 @@ def prepare(
             ``modules_to_save`` (trained in full) are cast to fp32 under every policy.
         activations: ``"fp32"`` (default): the upcast norms and the embedding hand fp32 on, so adapted layers
             compute in fp32 as with peft, and a frozen bf16/fp16 ``lm_head`` computes in fp32 block by block without
-            an fp32 copy of its weight: the same loss curve as peft. ``"layer"``: fp32 inside each
+            an fp32 copy of its weight: the same loss curve as peft. ``"mixed"``: as ``"fp32"`` (the stream, the
+            norms next to adapters, the adapters and lm_head in fp32), but attention's q/k/v are cast to the model's
+            dtype for the fused half-precision kernels (output back in fp32), and the norms inside the layers that
+            feed no adapter hand on the model's dtype, so a frozen MLP computes as without preparation: faster,
+            a numerics change (docs/api.md says what was measured). ``"layer"``: fp32 inside each
             gradient-checkpointed layer (the upcast norms hand fp32 to the adapted layers, attention and MLP compute
             in fp32), the model's dtype between layers, so the checkpointed layer inputs stay half precision;
             lm_head as in "fp32". ``"native"``: the upcast norms hand on the model's dtype: lowest memory (that of
             no preparation), learns slightly slower in the first steps. Where q/k/v reach attention in fp32
-            ("fp32", "layer", or ``upcast="peft"``) on transformers' sdpa attention, the model is switched to
+            ("fp32", "mixed", "layer", or ``upcast="peft"``) on transformers' sdpa attention, the model is switched to
             ``portable_kbit_sdpa``: sdpa, with k/v expanded to the query heads where the backend says fp32
             grouped-query attention would otherwise leave the fused kernels (docs/api.md).
         frozen_norms: how a frozen norm the policy selects gets fp32. ``"compute"`` (default): it computes in fp32
@@ -181,7 +186,7 @@ def prepare(
         freeze_base_weights(model, index)
         cast_in_chunks(shares, transaction.journal)
         guarded = add_dtype_flow(model, index, changes, activations, smallest_chunk(shares).chunk_bytes, transaction)
-        attention_choice = switch_attention(model, target, activations, upcast, had_fp32_attention, transaction)
+        attention_choice = switch_attention(model, index, target, activations, upcast, had_fp32_attention, transaction)
         block_calls = add_token_blocks(model, blocks_plan, transaction)
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
@@ -350,24 +355,41 @@ def add_dtype_flow(
     skip = adapters.adapter_submodules(index) | {id(m) for m in norms}
     consumers = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.is_strict_consumer(m)]
     fallbacks = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.may_need_input_cast(m)]
-    layers = checkpointed_layers(model) if activations == "layer" else []
+    layers = checkpointed_layers(model) if activations in ("layer", "mixed") else []
+    # "mixed": the frozen norms inside the layers that feed no adapter hand on the model's dtype
+    half_norms = [m for layer in layers for m in layer.modules() if is_norm(m)] if activations == "mixed" else []
     transaction.patches.extend(
         dtype_flow.install(
-            norms, consumers, activations, input_embeddings(model), chunk_bytes, compute_norms, layers, fallbacks
+            norms,
+            consumers,
+            activations,
+            input_embeddings(model),
+            chunk_bytes,
+            compute_norms,
+            layers if activations == "layer" else [],
+            fallbacks,
+            half_norms,
         )
     )
     return len(consumers) + len(fallbacks)
 
 
 def switch_attention(
-    model: nn.Module, target: Target, activations: str, upcast: str, replaced: bool, transaction: Transaction
+    model: nn.Module,
+    index: ModelIndex,
+    target: Target,
+    activations: str,
+    upcast: str,
+    replaced: bool,
+    transaction: Transaction,
 ) -> attention.AttentionChoice:
     """Where q/k/v will reach attention in fp32, or the backend says attention would hold L x L scores in every mode,
     and the model's attention is transformers' sdpa: our sdpa (patches/attention.py). `replaced`: the last
     prepare()'s switch was just superseded."""
     fp32_reason = attention.fp32_inside_attention(activations, upcast)
     base = hf_model(model)
-    choice = attention.choose(base, target.backend, target.device, fp32_reason, replaced)
+    half = plan.model_dtype(index) if activations == "mixed" else None
+    choice = attention.choose(base, target.backend, target.device, fp32_reason, replaced, half)
     if choice.patch is not None:
         transaction.patches.apply(choice.patch)
         if not choice.patch.is_live():

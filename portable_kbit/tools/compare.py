@@ -51,6 +51,7 @@ VARIANTS: dict[str, str] = {
     "peft": "peft.prepare_model_for_kbit_training (its defaults)",
     "ours-fp32": "portable_kbit.prepare(activations='fp32')",
     "ours-native": "portable_kbit.prepare(activations='native')",
+    "ours-mixed": "portable_kbit.prepare(activations='mixed')",
     "ours-peft": "portable_kbit.prepare(upcast='peft')",
     "ours-layer": "portable_kbit.prepare(activations='layer')",
     "ours-fp32-upcast": "portable_kbit.prepare(activations='fp32', frozen_norms='upcast')",
@@ -234,6 +235,7 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
     by_variant: dict[str, dict[str, Any]] = {
         "ours-fp32": {},
         "ours-native": {"activations": "native"},
+        "ours-mixed": {"activations": "mixed"},
         "ours-peft": {"upcast": "peft"},
         "ours-layer": {"activations": "layer"},
         "ours-fp32-upcast": {"frozen_norms": "upcast"},
