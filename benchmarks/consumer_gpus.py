@@ -1,0 +1,131 @@
+"""Llama-3.1-8B on consumer GPUs: the longest sequence per memory cap and configuration, beside unsloth's published
+context lengths and Hugging Face + FA2's.
+
+The runs are benchmarks/long_sequences.py fits, one folder per cap (benchmarks/gpu_run.sh stages consumer-fit-12 and
+consumer-fit-16):
+
+    python benchmarks/long_sequences.py --preset llama-3.1-8b --lora all-r32 --cap-gib 12 --measure fit \\
+        --variants peft,native+blocks+offload,fp32+blocks+offload --fit-lengths 21848,32768 --steps 2 --out DIR/fit12
+    python benchmarks/consumer_gpus.py DIR/fit12 DIR/fit16 --out benchmarks/results/h100/consumer_gpus
+
+The setting is unsloth's (its blog's table, below): Llama 3.1 8B, 4-bit QLoRA on every linear layer of the decoder
+layers (q, k, v, o, gate, up, down) at rank 32, batch 1. Ours: bitsandbytes nf4 with double quant, random weights of
+the real shape (the `llama-3.1-8b` preset: vocabulary 128256, llama3 rope scaling), non-reentrant checkpointing, one
+fresh process per (configuration, length), its allocator capped at the cap (torch.cuda.set_per_process_memory_fraction
+on an H100; the CUDA context, a few hundred MiB, is outside the cap).
+
+A length probe tells "fits" or "does not fit" for that length; the table shows, per configuration, the longest length
+that fitted and the shortest that did not (">= N" where every length tried fitted).
+
+Writes <out>.md (the table) and <out>.png (the longest length per cap and configuration, where matplotlib is
+installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+#: unsloth's blog "Llama 3.3 + ..." (https://unsloth.ai/blog/llama3-3, December 2024): Llama 3.1 (8B) maximum
+#: context length per GPU memory, QLoRA rank 32 on all linear layers, batch size 1 (its table; for 8 GB its text says
+#: "up to 2,900" and that HF + FA2 goes out of memory)
+PUBLISHED = {
+    8: {"unsloth": 2900, "hf+fa2": 0},
+    12: {"unsloth": 21848, "hf+fa2": 932},
+    16: {"unsloth": 40724, "hf+fa2": 2551},
+}
+SOURCE = "https://unsloth.ai/blog/llama3-3"
+
+
+def read(folders: list[str]) -> dict[int, dict[str, dict]]:
+    """cap GiB -> configuration -> {"fitted": [lengths], "failed": [lengths], "errors": [...]}"""
+    out: dict[int, dict[str, dict]] = {}
+    for folder in folders:
+        path = Path(folder) / "long_fit.jsonl"
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("phase") != "fit-length":
+                continue
+            cap = round(record.get("cap_mib", 0) / 1024)
+            entry = out.setdefault(cap, {}).setdefault(record["variant"], {"fitted": [], "failed": [], "errors": []})
+            (entry["fitted"] if record.get("fits") else entry["failed"]).append(record["seq_len"])
+            if record.get("error"):
+                entry["errors"].append(record["error"])
+    return out
+
+
+def cell(entry: dict | None) -> str:
+    if not entry:
+        return "not run"
+    fitted, failed = max(entry["fitted"], default=None), min(entry["failed"], default=None)
+    if fitted is None:
+        text = f"< {failed}" if failed else "?"
+    elif failed is None:
+        text = f">= {fitted:,}"
+    else:
+        text = f"{fitted:,} ({failed:,} does not)"
+    return text + (" (error)" if entry["errors"] else "")
+
+
+def table(results: dict[int, dict[str, dict]]) -> str:
+    configurations = sorted({v for by in results.values() for v in by}, key=lambda v: (v != "peft", v))
+    head = ["cap", *configurations, "unsloth (published)", "HF + FA2 (published)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cap in sorted(results):
+        published = PUBLISHED.get(cap, {})
+        row = [f"{cap} GiB", *(cell(results[cap].get(v)) for v in configurations)]
+        row += [f"{published['unsloth']:,}" if published else "-"]
+        row += [(f"{published['hf+fa2']:,}" if published.get("hf+fa2") else "out of memory") if published else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    errors = sorted({e for by in results.values() for entry in by.values() for e in entry["errors"]})
+    notes = [f"Published figures: {SOURCE}."] + [f"Error: {e}" for e in errors[:5]]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot(results: dict[int, dict[str, dict]], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        return f"no plot: {error}"
+    caps = sorted(results)
+    configurations = sorted({v for by in results.values() for v in by}, key=lambda v: (v != "peft", v))
+    series = {v: [max(results[c].get(v, {}).get("fitted", []), default=0) for c in caps] for v in configurations}
+    series["unsloth (published)"] = [PUBLISHED.get(c, {}).get("unsloth", 0) for c in caps]
+    series["HF + FA2 (published)"] = [PUBLISHED.get(c, {}).get("hf+fa2", 0) for c in caps]
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        axes.bar([x + i * width for x in range(len(caps))], values, width, label=name)
+    axes.set_xticks([x + 0.4 - width / 2 for x in range(len(caps))], [f"{c} GiB" for c in caps])
+    axes.set_ylabel("longest sequence that trained (tokens)")
+    axes.set_title("Llama-3.1-8B shape, QLoRA r32 on all linear layers, batch 1")
+    axes.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="long_sequences.py --out folders (one per cap)")
+    parser.add_argument("--out", required=True, help="path without suffix: writes .md and .png")
+    args = parser.parse_args(argv)
+    results = read(args.folders)
+    text = table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    problem = plot(results, out.with_suffix(".png"))
+    if problem:
+        print(problem, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
