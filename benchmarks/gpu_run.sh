@@ -87,6 +87,19 @@ for stage in "$@"; do
             --time-lengths "${TIME_LENGTHS:-4096}" \
             --variants "${TIME_VARIANTS:-native,native+offload,fp32,fp32+offload}" > "$out/offload_time.log" 2>&1
         ;;
+    time-modes)  # step time at 4096 tokens per activations mode, with and without token blocks (Mistral-7B shape)
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/modes" --measure time \
+            --time-lengths 4096 --variants native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks \
+            > "$out/time_modes.log" 2>&1
+        ;;
+    time-offload)  # offloaded checkpoints against the same step without, at 4096 and 16384 tokens (uncapped)
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
+            --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
+        ;;
+    curves-mixed)  # 40-step loss curves of peft, fp32, mixed and native on 3 data seeds, 6 processes at a time
+        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
+            --variants peft,ours-fp32,ours-mixed,ours-native --out "$out/curves" > "$out/curves.log" 2>&1
+        ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
         python3 benchmarks/oom_midprepare.py --device cuda --out "$out/oom_midprepare.json" > "$out/oom.log" 2>&1
         ;;

@@ -131,7 +131,8 @@ def prepare(
             with ``labels`` (training mode), the output head and the loss run in blocks of the backend's block size
             over the tokens, each recomputed in backward, so that the ``[tokens, vocab]`` logits never exist at full
             length (``outputs.logits`` is then None); each decoder layer's MLP does the same in training mode. Only
-            calls longer than one block are blocked; those pay one more forward of the head and of each MLP. An
+            calls longer than one block are blocked; those pay one more forward of the head, and of each MLP except a
+            plain one under non-reentrant checkpointing (docs/long-sequences.md). An
             int: that many tokens per block. None (default): off. ``portable_kbit.report(model)`` says what was
             blocked, and what was left alone and why; its ``token_block_calls`` count, as training runs, the calls
             run in blocks and those run whole, with the reason.

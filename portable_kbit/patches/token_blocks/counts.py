@@ -13,7 +13,8 @@ MLPS = "MLPs"
 class BlockedCalls:
     """Live counts since prepare(): for each part, how many calls ran in blocks and how many ran whole, by reason.
 
-    A checkpointed layer's MLP runs twice per step (its recompute in backward is a call too).
+    A checkpointed layer's MLP is called once per step where non-reentrant checkpointing's recompute stops before it
+    (the blocked MLP keeps what its backward needs), twice otherwise (the recompute is a call too).
     """
 
     def __init__(self) -> None:

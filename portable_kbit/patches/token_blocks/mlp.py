@@ -1,5 +1,17 @@
-"""A position-wise MLP run on blocks of tokens, each block checkpointed (recomputed in backward): the
-``[tokens, intermediate]`` temporaries exist for one block at a time."""
+"""A position-wise MLP run on blocks of tokens, each block recomputed in backward: the ``[tokens, intermediate]``
+temporaries exist for one block at a time.
+
+Two ways, by what the MLP is:
+
+- a plain tensor-to-tensor MLP without dropout (Llama's, Mistral's, most): one autograd Function (``BlockedMlp``),
+  as DeepSpeed's TiledMLP: the forward runs the blocks without a graph, the backward recomputes each block with one
+  and returns the gradients of the input and of the MLP's trainable parameters (adapters). Its input is saved by a
+  separate node first (``SavedInput``), so that a non-reentrant layer checkpoint's recompute, which stops once it
+  has every tensor the layer saved, stops there and never runs the MLP again: the MLP computes once forward and once
+  in backward, as it would unblocked;
+- anything else (tuple outputs with router logits, recorded outputs, an input changed in place, dropout): each block
+  in a nested non-reentrant checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -72,11 +84,91 @@ def _concat_rows(parts: list[Any], rows: list[int]) -> Any:
     )
 
 
+class SavedInput(torch.autograd.Function):
+    """The identity, saving its input for ``BlockedMlp``'s backward (packed before the MLP runs: see module doc)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class BlockedMlp(torch.autograd.Function):
+    """``run`` over blocks of ``size`` rows of a [rows, width] input: no graph in forward; each block recomputed with
+    one in backward, its input gradient written into place and the parameters' gradients summed over the blocks."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, saved: Any, run: Callable, size: int, *params: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.saved, ctx.run, ctx.size, ctx.params = saved, run, size, params
+        ctx.autocast = _autocast_state(x.device.type)
+        rows = (
+            x.detach()
+        )  # no views that claim to need gradients without a graph (hooks on the inner modules see them)
+        return torch.cat([run(rows[start : start + size]) for start in range(0, rows.shape[0], size)])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        (x,) = ctx.saved.saved_tensors
+        params = list(ctx.params)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        for start in range(0, x.shape[0], ctx.size):
+            block = x[start : start + ctx.size].detach().requires_grad_(grad_x is not None)
+            with torch.enable_grad(), _autocast(x.device.type, ctx.autocast):
+                out = ctx.run(block)
+            inputs = ([block] if grad_x is not None else []) + params
+            grads = torch.autograd.grad(out, inputs, grad_output[start : start + ctx.size], allow_unused=True)
+            if grad_x is not None:
+                grad_x[start : start + ctx.size] = grads[0]
+                grads = grads[1:]  # the parameters' gradients follow
+            for i, g in enumerate(grads):
+                total = grad_params[i]
+                grad_params[i] = g if total is None else (total if g is None else total + g)
+        return (grad_x, None, None, None, *grad_params)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return True, torch.get_autocast_dtype(device_type)
+
+
+def _autocast(device_type: str, state: tuple[bool, torch.dtype] | None) -> Any:
+    if state is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=state[1])
+
+
+def _rows_forward(inner: Forward) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's original forward on [rows, width] (as a [1, rows, width] sequence), its output as rows."""
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        out = inner(rows.unsqueeze(0))
+        return out.reshape(rows.shape[0], out.shape[-1])
+
+    return run
+
+
+def as_one_function(module: nn.Module, candidate: MlpCandidate) -> bool:
+    """Whether the MLP runs as one BlockedMlp Function: one tensor out, nothing recorded, its input left as it is, and
+    no dropout that the recompute would draw again differently."""
+    dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+    return candidate.kind == "tensor" and not candidate.records and not candidate.mutates_input and not dropout
+
+
 def blocked_forward(
     module: nn.Module, size: int, candidate: MlpCandidate, counts: BlockedCalls
 ) -> Callable[[Forward], Forward]:
     """The MLP's forward over blocks of `size` tokens, around `inner` (what it replaces); each call counted, blocked
     or whole with the reason."""
+
+    one_function = as_one_function(module, candidate)
 
     def make(inner: Forward) -> Forward:
         def run(block: torch.Tensor) -> Any:
@@ -92,6 +184,11 @@ def blocked_forward(
             counts.ran_blocked(MLPS)
             width = x.shape[-1]
             flat = x.reshape(-1, width)
+            if one_function and torch.is_grad_enabled():
+                params = [p for p in module.parameters() if p.requires_grad]
+                saved = SavedInput.apply(flat)
+                out = BlockedMlp.apply(saved, saved.grad_fn, _rows_forward(inner), size, *params)
+                return out.view(*x.shape[:-1], out.shape[-1])
             recorded = _RecordedOutputs() if candidate.records else None
             outputs, rows = [], []
             for start in range(0, flat.shape[0], size):
