@@ -158,7 +158,11 @@ def test_fit_tiny_writes_a_table_per_mode_json_lines_and_png():
     png, lines = run.workdir / "fit.png", run.workdir / "fit.jsonl"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     records = [json.loads(line) for line in lines.read_text().splitlines()]
+    *records, recommendation = records
     assert [r["mode"] for r in records] == list(ACTIVATIONS) and {r["kind"] for r in records} == {"forecast"}
+    # the longest length that fits, the fastest mode on a tie: every mode reaches the tiny model's 256 positions here
+    assert recommendation["kind"] == "recommendation" and recommendation["configuration"] == "native", recommendation
+    assert "recommendation: native, the configuration forecast to train the longest sequence" in run.out
     for record in records:
         assert record["quantizer"] == "bnb-nf4" and record["budget_bytes"] == 4 << 20
         assert record["method"] == "fake step + calibration" and record["lora_rank"] == 16

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script (its subcommands: env, demo, compare, fit)."""
     from ..memory.forecast import DEFAULT_SEQ_LENS
     from ..pipeline.prepare import ACTIVATIONS
-    from . import presets
+    from . import configurations, presets
     from .compare import DEFAULT_VARIANTS, VARIANTS
     from .tiny import QUANTIZERS
 
@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = command(
         "fit",
-        "Will it fit? Per activations mode: load, prepare, LoRA r16, forecast the training-step peak per sequence "
-        "length and the longest length under a budget; a table, a plot, and with --verify real steps in fresh "
-        "processes.",
+        "Will it fit? Per configuration (activations mode, token blocks, offloaded checkpoints): load, prepare, LoRA "
+        "r16, forecast the training-step peak per sequence length and the longest length under a budget; a table, a "
+        "recommendation, a plot, and with --verify real steps in fresh processes.",
         "print the JSON lines (one per forecast and per verified length) instead of the tables",
     )
     fit.add_argument(
@@ -149,7 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--activations",
         default=",".join(ACTIVATIONS),
-        help=f"comma-separated prepare(activations=...) modes, from: {', '.join(ACTIVATIONS)} (default: all)",
+        help=f"comma-separated prepare(activations=...) modes, from: {', '.join(ACTIVATIONS)} (default: all); a "
+        "mode may name its configuration in full, e.g. native+blocks+offload",
+    )
+    fit.add_argument(
+        "--token-blocks",
+        choices=configurations.CHOICES,
+        default="off",
+        help="each mode without token blocks (off, the default), with them (on: prepare(token_blocks='auto')), "
+        "or both",
+    )
+    fit.add_argument(
+        "--offload",
+        choices=configurations.OFFLOAD_CHOICES,
+        default="off",
+        help="each mode without offloaded checkpoints (off, the default), with them (on: "
+        "prepare(offload_checkpoints=True)), both, or auto (both where the device has memory of its own)",
+    )
+    fit.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="the length to reach: the recommendation is the fastest configuration forecast to fit it (default: "
+        "the one that fits the longest)",
     )
     fit.add_argument(
         "--budget",
@@ -394,81 +416,8 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0 if records else 1
 
 
-# ---- fit ------------------------------------------------------------------------------------------------------------
-
-
 def run_fit(args: argparse.Namespace) -> int:
-    """`portable-kbit fit`: a forecast per activations mode (in this process, one after another), a table, a plot;
-    with --verify, real steps at the lengths that fit, each in a fresh process. Internally (--verify-one) one real
-    step in this process. Every argument is checked before anything loads."""
-    from . import fit, presets
+    """`portable-kbit fit` (tools/fit_command.py)."""
+    from .fit_command import run_fit as run
 
-    modes = fit.activation_modes(args.activations)
-    lengths = fit.parse_lengths(args.seq_lens)
-    budget = fit.parse_bytes(args.budget) if args.budget is not None else None
-    for name, value in (("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank)):
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive int, not {value}")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
-        raise ImportError("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
-    if args.verify_one is not None:  # one real step in this (fresh) process: one JSON line on stdout
-        record = fit.verify_length(
-            args.path_or_preset,
-            modes[0],
-            args.verify_one,
-            args.device,
-            args.quantizer,
-            args.batch_size,
-            budget,
-            args.lora_rank,
-        )
-        print(json.dumps(record), flush=True)
-        return 0
-    path = presets.materialize(args.path_or_preset, args.cache_dir, args.device)
-    out = open(args.json_out, "w") if args.json_out else None
-    records: list[dict] = []
-
-    def emit(record: dict) -> None:
-        records.append(record)
-        line = json.dumps(record)
-        if args.json:
-            print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
-
-    try:
-        for mode in modes:
-            forecast_record = fit.forecast_mode(
-                path, mode, args.device, args.quantizer, lengths, args.batch_size, budget, args.lora_rank
-            )
-            emit(forecast_record)
-            if not args.verify:
-                continue
-            for seq_len in fit.verify_lengths(forecast_record):
-                emit(
-                    fit.verify_in_subprocess(
-                        path,
-                        mode,
-                        seq_len,
-                        args.device,
-                        forecast_record["quantizer"],
-                        args.batch_size,
-                        forecast_record["budget_bytes"],
-                        args.lora_rank,
-                        verbose=args.verbose,
-                    )
-                )
-    finally:
-        if out is not None:
-            out.close()
-    if not args.json:
-        print(fit.table(records, verify=args.verify))
-    if args.plot:
-        fit.plot(records, args.plot)
-        if not args.json:
-            print(f"plot: {args.plot}")
-    if args.json_out and not args.json:
-        print(f"JSON lines: {args.json_out}")
-    failed = [r for r in records if r.get("kind") == "verify" and not r.get("fits")]
-    return 1 if failed else 0
+    return run(args)

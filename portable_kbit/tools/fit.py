@@ -1,7 +1,8 @@
-"""`portable-kbit fit`: will this model train at these lengths here? A forecast per activations mode, a table, a plot,
-and (with --verify) real steps at the lengths the forecast says fit, each in a fresh process under a memory cap.
+"""`portable-kbit fit`: will this model train at these lengths here? A forecast per configuration (an activations mode,
+token blocks or not, offloaded checkpoints or not: tools/configurations.py), a table, a plot, a recommendation, and
+(with --verify) real steps at the lengths the forecast says fit, each in a fresh process under a memory cap.
 
-``forecast_mode()`` loads a checkpoint through its quantizer, prepares it with one activations mode, attaches LoRA and
+``forecast_mode()`` loads a checkpoint through its quantizer, prepares it with one configuration, attaches LoRA and
 forecasts; ``verify_length()`` is the real step of one length (what each verifying subprocess runs);
 ``verify_in_subprocess()`` runs it in a fresh process; ``table()`` and ``plot()`` present the records.
 """
@@ -25,7 +26,7 @@ from ..memory.forecast import DEFAULT_SEQ_LENS, forecast, max_positions, measure
 from ..memory.guard import memory_guard
 from ..memory.longest import SEQ_LEN_STEP
 from ..memory.snapshots import human_bytes
-from . import presets, tiny
+from . import configurations, presets, tiny
 from . import quantizer_probe as quantizers
 
 CHECKPOINTING = {"use_reentrant": False}
@@ -72,30 +73,38 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def activation_modes(text: str) -> list[str]:
-    """'fp32,native' -> the modes, each one prepare() knows (portable_kbit.pipeline.checks.ACTIVATIONS)."""
+    """'fp32,native+blocks' -> the configurations named: each an activations mode prepare() knows
+    (portable_kbit.pipeline.checks.ACTIVATIONS), optionally with +blocks and/or +offload."""
     from ..pipeline.prepare import ACTIVATIONS
 
     modes = [mode.strip() for mode in str(text).split(",") if mode.strip()]
-    unknown = [mode for mode in modes if mode not in ACTIVATIONS]
-    if not modes or unknown:
-        raise ValueError(f"--activations {text!r}: use one or more of {', '.join(ACTIVATIONS)} (comma-separated)")
+    try:
+        for mode in modes:
+            configurations.parse(mode)
+    except ValueError:
+        modes = []
+    if not modes:
+        raise ValueError(
+            f"--activations {text!r}: use one or more of {', '.join(ACTIVATIONS)} (comma-separated), each optionally "
+            "followed by +blocks and/or +offload"
+        )
     return modes
 
 
 def load_prepared(
     path: str, mode: str, device: str, quantizer: str, r: int = LORA_RANK, targets: Sequence[str] | None = None
 ) -> Any:
-    """The model as it will be trained: loaded through `quantizer`, prepared with activations=`mode`, LoRA r on the
-    attention projections (lora_alpha 2r, no dropout), non-reentrant gradient checkpointing."""
+    """The model as it will be trained: loaded through `quantizer`, prepared as the configuration `mode` says
+    ("native", "fp32+blocks+offload" ...), LoRA r on the attention projections (lora_alpha 2r, no dropout),
+    non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
     from ..pipeline.prepare import prepare
 
     targets = list(targets) if targets else presets.lora_targets(path)
     model = tiny.load(path, quantizer, device)
-    model = prepare(
-        model, device, target_modules=targets, activations=mode, gradient_checkpointing_kwargs=CHECKPOINTING
-    )
+    options = configurations.parse(mode).prepare_options()
+    model = prepare(model, device, target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
 
 
@@ -129,6 +138,7 @@ def forecast_mode(
     return {
         "kind": "forecast",
         "mode": mode,
+        "configuration": configurations.parse(mode).prepare_options(),
         "checkpoint": path,
         "quantizer": quantizer,
         "lora_rank": r,
