@@ -59,6 +59,7 @@ def test_stream_and_adapters_fp32_mlp_and_attention_kernels_bf16(backend, device
     model = prepared(backend, device, "mixed", ATTENTION)
     bf16, fp32 = torch.bfloat16, torch.float32
     names = ["embed_tokens", "layers.0", "layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj", "layers.0.mlp"]
+    names += ["layers.0.mlp.gate_proj", "layers.0.mlp.down_proj", "layers.0.post_attention_layernorm"]
     seen = inputs_and_outputs(model, [PREFIX + n for n in names], device)
     # the stream is fp32 from the embedding on, through every layer
     assert {out for _, out in seen[PREFIX + "embed_tokens"]} == {fp32}
@@ -66,8 +67,12 @@ def test_stream_and_adapters_fp32_mlp_and_attention_kernels_bf16(backend, device
     # the adapted projections take fp32 and hand fp32 on (the adapters' small deltas are added in fp32)
     assert seen[PREFIX + "layers.0.self_attn.q_proj"] == {(fp32, fp32)}
     assert seen[PREFIX + "layers.0.self_attn.o_proj"] == {(fp32, fp32)}
-    # the frozen MLP computes as without preparation: its norm hands it bf16
-    assert seen[PREFIX + "layers.0.mlp"] == {(bf16, bf16)}
+    # the frozen MLP computes as without preparation (its layers see bf16) and hands fp32 back to the stream; the
+    # norm before it, which feeds no adapter, is left as in "fp32"
+    assert seen[PREFIX + "layers.0.mlp"] == {(fp32, fp32)}
+    assert {x for x, _ in seen[PREFIX + "layers.0.mlp.gate_proj"]} == {bf16}
+    assert {x for x, _ in seen[PREFIX + "layers.0.mlp.down_proj"]} == {bf16}
+    assert seen[PREFIX + "layers.0.post_attention_layernorm"] == {(fp32, fp32)}
     done = portable_kbit.report(model)
     assert done.activations == "mixed"
     # attention: fp32 q/k/v cast to bf16, every call counted as such (two layers: a forward and a recompute each)
@@ -76,11 +81,12 @@ def test_stream_and_adapters_fp32_mlp_and_attention_kernels_bf16(backend, device
 
 
 def test_adapted_mlp_stays_fp32(backend, device):
-    """With adapters on the MLP, its norm is upcast (it feeds adapted layers) and hands fp32 on, as in "fp32"."""
+    """With adapters on the MLP, it computes in fp32 as in "fp32": the adapters' updates stay in fp32."""
     model = prepared(backend, device, "mixed", EVERY_LINEAR)
-    seen = inputs_and_outputs(model, [PREFIX + "layers.0.mlp", PREFIX + "layers.0.mlp.gate_proj"], device)
-    assert seen[PREFIX + "layers.0.mlp"] == {(torch.float32, torch.float32)}
-    assert seen[PREFIX + "layers.0.mlp.gate_proj"] == {(torch.float32, torch.float32)}
+    names = [PREFIX + "layers.0.mlp.gate_proj", PREFIX + "layers.0.mlp.down_proj"]
+    seen = inputs_and_outputs(model, names, device)
+    assert seen[names[0]] == {(torch.float32, torch.float32)}
+    assert seen[names[1]] == {(torch.float32, torch.float32)}
 
 
 def test_trains_near_fp32_and_apart_from_it(backend, device):
@@ -116,3 +122,20 @@ def test_unprepared_half_model_dtype_missing_keeps_fp32_attention(backend, devic
     inputs_and_outputs(model, [], device)
     done = portable_kbit.report(model)
     assert not any("in bfloat16" in path for path in (done.attention_calls.paths if done.attention_calls else {}))
+
+
+def test_sandwich_norms_keep_fp32(backend, device):
+    """Gemma 2 normalizes each sublayer's output before adding it to the stream: that norm takes fp32 (the MLP hands
+    fp32 back), so the update that o_proj's adapter makes reaches the stream in fp32."""
+    if not bitsandbytes_supports(backend):
+        pytest.skip(f"bitsandbytes 4-bit does not run on {backend}")
+    targets = tiny.LORA_TARGETS["gemma2"]
+    model = tiny.load(tiny.checkpoint("gemma2"), "bnb-nf4", device)
+    portable_kbit.prepare(model, device, target_modules=targets, activations="mixed")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    names = [PREFIX + n for n in ("layers.0.post_attention_layernorm", "layers.0.post_feedforward_layernorm")]
+    names.append(PREFIX + "layers.0.mlp.gate_proj")
+    seen = inputs_and_outputs(model, names, device)
+    assert {x for x, _ in seen[names[0]]} == {torch.float32}
+    assert {x for x, _ in seen[names[1]]} == {torch.float32}
+    assert {x for x, _ in seen[names[2]]} == {torch.bfloat16}

@@ -44,6 +44,18 @@ def structure(layer: nn.Module) -> Hashable:
     return tuple((name, type(m).__name__) for name, m in layer.named_modules())
 
 
+def same_kind(name: str, module: nn.Module) -> Hashable:
+    """What makes two modules the same part of their layers: the place in the layer and the structure."""
+    return layer_pattern(name), structure(module)
+
+
+def in_every_layer(model: nn.Module, found: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules of `model` that are the same part of their layer as one of `found` (by name; what a trace of one
+    layer of each kind saw), in every layer."""
+    kinds = {same_kind(name, module) for name, module in found.items()}
+    return {name: m for name, m in model.named_modules() if name and same_kind(name, m) in kinds}
+
+
 def _checkpointing_layer_class() -> type | None:
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer

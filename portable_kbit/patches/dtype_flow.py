@@ -232,17 +232,22 @@ def _embedding_output_to_fp32(module: nn.Module, args: tuple, output: Any) -> An
     return output.float() if isinstance(output, torch.Tensor) and output.dtype in HALF_DTYPES else None
 
 
-def output_to(dtype: torch.dtype) -> Callable[[nn.Module, tuple, Any], Any]:
-    """A forward hook: the module's first floating-point output in `dtype` ("mixed": a frozen norm inside a layer that
-    feeds no adapter hands the model's dtype on, so what it feeds, the MLP, computes as without preparation)."""
+def computes_in(dtype: torch.dtype) -> Callable[[Forward], Forward]:
+    """An instance forward ("mixed": a frozen MLP): the first floating-point input cast to `dtype`, the module run as
+    without preparation, its first output cast back to the input's dtype (fp32: added to the fp32 stream)."""
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        y = first_tensor(output)
-        if y is None or not y.is_floating_point() or y.dtype == dtype:
-            return None
-        return replace_first(output, y.to(dtype))
+    def make(call_previous: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            x = first_tensor(args)
+            if x is None or not x.is_floating_point() or x.dtype == dtype:
+                return call_previous(*args, **kwargs)
+            output = call_previous(*replace_first(args, x.to(dtype)), **kwargs)
+            y = first_tensor(output)
+            return replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
 
-    return hook
+        return forward
+
+    return make
 
 
 def install(
@@ -254,7 +259,7 @@ def install(
     compute_norms: Sequence[nn.Module] = (),
     layers: Sequence[nn.Module] = (),
     fallback_consumers: Sequence[nn.Module] = (),
-    half_norms: Sequence[nn.Module] = (),
+    half_modules: Sequence[nn.Module] = (),
 ) -> list[Patch]:
     """The dtype flow's patches, in the order to apply them (removed newest first, they restore the originals).
 
@@ -265,9 +270,9 @@ def install(
     fp32 on inside each checkpointed layer (`layers`), whose output is cast back to the model's dtype: the stream
     between layers and the checkpointed layer inputs stay half precision (each layer computes as in "fp32" mode: its
     inputs are cast to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode. With "mixed"
-    activations the flow is that of "fp32", except that the norms in `half_norms` (inside the layers, feeding no
-    adapter) hand on the model's dtype: the frozen MLPs after them compute as without preparation and add their
-    output to the fp32 stream (attention's half-precision kernels are patches/attention.py's).
+    activations the flow is that of "fp32", except that the modules in `half_modules` (the frozen MLPs) compute in the
+    model's dtype, as without preparation, and hand fp32 back to the stream (attention's half-precision kernels are
+    patches/attention.py's).
     """
     patches: list[Patch] = []
     fp32_inside = activations in FP32_FLOWS and bool(upcast_norms)
@@ -296,9 +301,9 @@ def install(
         guard = InputDtypeGuard()
         patches.append(Hook(module, guard.before, pre=True, with_kwargs=True))
         patches.append(Hook(module, guard.after, pre=False))
-    if fp32_inside and activations == "mixed" and half_norms:
+    if fp32_inside and activations == "mixed" and half_modules:
         native = next(iter(upcast_norms.values()))
-        patches += [Hook(norm, output_to(native), pre=False) for norm in half_norms if norm not in upcast_norms]
+        patches += [InstanceForward(module, computes_in(native)) for module in half_modules]
     if fp32_inside:
         for module in fallback_consumers:
             patches.append(InstanceForward(module, _fallback_forward(module)))

@@ -19,8 +19,7 @@ from ..memory import snapshots
 from ..memory.snapshots import MemorySnapshot
 from ..model.hf import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
 from ..model.index import ModelIndex
-from ..model.layers import checkpointed_layers
-from ..model.norms import is_norm
+from ..model.layers import checkpointed_layers, in_every_layer
 from ..model.trace import Trace, trace
 from ..patches import attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
@@ -108,9 +107,9 @@ def prepare(
             compute in fp32 as with peft, and a frozen bf16/fp16 ``lm_head`` computes in fp32 block by block without
             an fp32 copy of its weight: the same loss curve as peft. ``"mixed"``: as ``"fp32"`` (the stream, the
             norms next to adapters, the adapters and lm_head in fp32), but attention's q/k/v are cast to the model's
-            dtype for the fused half-precision kernels (output back in fp32), and the norms inside the layers that
-            feed no adapter hand on the model's dtype, so a frozen MLP computes as without preparation: faster,
-            a numerics change (docs/api.md says what was measured). ``"layer"``: fp32 inside each
+            dtype for the fused half-precision kernels (output back in fp32), and a frozen MLP (no adapter inside)
+            computes in the model's dtype, as without preparation, and hands fp32 back: faster, a numerics change
+            (docs/api.md says what was measured). ``"layer"``: fp32 inside each
             gradient-checkpointed layer (the upcast norms hand fp32 to the adapted layers, attention and MLP compute
             in fp32), the model's dtype between layers, so the checkpointed layer inputs stay half precision;
             lm_head as in "fp32". ``"native"``: the upcast norms hand on the model's dtype: lowest memory (that of
@@ -186,7 +185,8 @@ def prepare(
             move_model(model, index.devices[0], move_to, transaction)
         freeze_base_weights(model, index)
         cast_in_chunks(shares, transaction.journal)
-        guarded = add_dtype_flow(model, index, changes, activations, smallest_chunk(shares).chunk_bytes, transaction)
+        chunk = smallest_chunk(shares).chunk_bytes
+        guarded = add_dtype_flow(model, index, changes, found, activations, chunk, transaction)
         attention_choice = switch_attention(model, index, target, activations, upcast, had_fp32_attention, transaction)
         block_calls = add_token_blocks(model, blocks_plan, transaction)
         checkpointing = enable_gradient_checkpointing(
@@ -346,6 +346,7 @@ def add_dtype_flow(
     model: nn.Module,
     index: ModelIndex,
     changes: plan.Plan,
+    found: Trace | None,
     activations: str,
     chunk_bytes: int,
     transaction: Transaction,
@@ -356,9 +357,8 @@ def add_dtype_flow(
     skip = adapters.adapter_submodules(index) | {id(m) for m in norms}
     consumers = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.is_strict_consumer(m)]
     fallbacks = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.may_need_input_cast(m)]
-    layers = checkpointed_layers(model) if activations in ("layer", "mixed") else []
-    # "mixed": the frozen norms inside the layers that feed no adapter hand on the model's dtype
-    half_norms = [m for layer in layers for m in layer.modules() if is_norm(m)] if activations == "mixed" else []
+    layers = checkpointed_layers(model) if activations == "layer" else []
+    half_modules = frozen_mlps(model, found, changes.adapter_spec) if activations == "mixed" else []
     transaction.patches.extend(
         dtype_flow.install(
             norms,
@@ -367,12 +367,27 @@ def add_dtype_flow(
             input_embeddings(model),
             chunk_bytes,
             compute_norms,
-            layers if activations == "layer" else [],
+            layers,
             fallbacks,
-            half_norms,
+            half_modules,
         )
     )
     return len(consumers) + len(fallbacks)
+
+
+def frozen_mlps(model: nn.Module, found: Trace | None, spec: adapters.AdapterSpec | None) -> list[nn.Module]:
+    """The position-wise MLPs the trace found (in every layer) with no adapter inside and nothing trainable: what
+    "mixed" computes in the model's dtype. None without a trace."""
+    if found is None:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    traced = {names[id(m)]: m for m in found.mlps if id(m) in names}
+    adapted = spec.adapted if spec is not None else []
+    return [
+        module
+        for name, module in in_every_layer(model, traced).items()
+        if not any(a.startswith(name + ".") for a in adapted) and not any(p.requires_grad for p in module.parameters())
+    ]
 
 
 def switch_attention(

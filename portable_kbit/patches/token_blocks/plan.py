@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...model.hf import hf_model, loss_function
-from ...model.layers import layer_pattern, structure
+from ...model.layers import layer_pattern, same_kind
 from ...model.logit_transform import LogitTransform
 from ...model.trace import MlpCandidate, Trace
 from ..protocol import InstanceForward, Patch
@@ -153,7 +153,7 @@ def _expand_mlps(
     """The traced MLPs (one layer of each kind) applied to every layer: same place in the layer, same structure."""
     recorded, recorded_names = recorded_classes(base)
     merging = collector_var() is not None
-    by_pattern: dict[tuple[str, Any], MlpCandidate] = {}
+    by_kind: dict[Any, MlpCandidate] = {}  # by model.layers.same_kind
     for module, candidate in found.mlps.items():
         name = names.get(id(module))
         if name is None:
@@ -177,13 +177,12 @@ def _expand_mlps(
         if candidate.reason is not None:
             left_alone[pattern] = candidate.reason
             continue
-        by_pattern[(pattern, structure(module))] = candidate
-    out: dict[str, MlpCandidate] = {}
-    for name, module in model.named_modules():
-        key = (layer_pattern(name), structure(module))
-        if name and key in by_pattern:
-            out[name] = dataclasses.replace(by_pattern[key], module=module)
-    return out
+        by_kind[same_kind(name, module)] = candidate
+    return {
+        name: dataclasses.replace(by_kind[same_kind(name, module)], module=module)
+        for name, module in model.named_modules()
+        if name and same_kind(name, module) in by_kind
+    }
 
 
 def _out_features(module: nn.Module) -> int:
