@@ -6,9 +6,11 @@ reference. Rank 0 prints one JSON line per case. Usage: fsdp_worker.py CHECKPOIN
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,8 @@ TARGETS = tiny.LORA_TARGETS["llama"]
 WRAPS = ("none", "fsdp1-orig-params", "fsdp1-flat-params", "fsdp2", "fsdp2-bf16")
 CASES = [(activations, wrap, False) for activations in ("fp32", "layer", "native") for wrap in WRAPS]
 CASES += [("fp32", "none", True), ("fp32", "fsdp2", True)]  # LoRA with modules_to_save (lm_head trained in full)
+# prepare(offload_checkpoints=True) under FSDP, with the CPU standing in for a device with memory of its own
+CASES += [("fp32", "fsdp2+offload", False), ("native", "fsdp1-orig-params+offload", False)]
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -76,14 +80,18 @@ def wrap_model(model, wrap: str):
 def run_case(checkpoint: str, activations: str, wrap: str, modules_to_save: bool) -> dict:
     torch.manual_seed(0)
     model = tiny.load(checkpoint, "bnb-nf4", "cpu", quant_storage=torch.bfloat16)
+    base = model
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    portable_kbit.prepare(
-        model,
-        "cpu",
-        target_modules=TARGETS,
-        activations=activations,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    wrap, _, offload = wrap.partition("+")
+    with offload_standin(bool(offload)):
+        portable_kbit.prepare(
+            model,
+            "cpu",
+            target_modules=TARGETS,
+            activations=activations,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            offload_checkpoints=bool(offload),
+        )
     unchanged = {n: p.dtype for n, p in model.named_parameters()} == dtypes
     config = LoraConfig(
         r=8,
@@ -111,14 +119,35 @@ def run_case(checkpoint: str, activations: str, wrap: str, modules_to_save: bool
     # the 4-bit weights the layers computed with, byte for byte as loaded (bitsandbytes issue 1945: NaN bit patterns
     # in bf16-packed NF4 data canonicalized by FSDP2's all-gather)
     same_packed = used == packed
+    done = portable_kbit.report(base).offload
     return {
         "activations": activations,
-        "wrap": wrap,
+        "wrap": wrap + ("+offload" if offload else ""),
+        "offloaded_tensors": done.offloaded if done is not None else None,
         "modules_to_save": modules_to_save,
         "losses": losses,
         "dtypes_unchanged_by_prepare": unchanged,
         "packed_weights_unchanged": same_packed,
     }
+
+
+@contextlib.contextmanager
+def offload_standin(on: bool) -> Iterator[None]:
+    """The CPU backend as if the device had memory of its own (tests/test_offload.py's stand-in), every saved tensor
+    worth a copy: the offload hooks run for real, copying from the CPU to the CPU."""
+    if not on:
+        yield
+        return
+    from portable_kbit.backends.cpu import CpuBackend
+    from portable_kbit.patches import offload
+
+    saved = CpuBackend.why_no_offload, offload.MIN_OFFLOAD_BYTES
+    CpuBackend.why_no_offload = lambda self, device: None
+    offload.MIN_OFFLOAD_BYTES = 0
+    try:
+        yield
+    finally:
+        CpuBackend.why_no_offload, offload.MIN_OFFLOAD_BYTES = saved
 
 
 def main() -> None:

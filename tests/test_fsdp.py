@@ -92,3 +92,14 @@ def test_modules_to_save_trains_under_fsdp2(records):
     sharded, single = cases[("fp32", "fsdp2", True)], cases[("fp32", "none", True)]
     for a, b in zip(sharded["losses"], single["losses"], strict=True):
         assert abs(a - b) < 1e-3, (sharded["losses"], single["losses"])
+
+
+@pytest.mark.parametrize("activations, wrap", [("fp32", "fsdp2+offload"), ("native", "fsdp1-orig-params+offload")])
+def test_offloaded_checkpoints_under_fsdp(records, activations, wrap):
+    """prepare(offload_checkpoints=True) then FSDP (the CPU standing in for a device with memory of its own): the
+    layer inputs went to the host, and the losses are those of one process without offload."""
+    cases = by_case(records)
+    sharded, single = cases[(activations, wrap, False)], cases[(activations, "none", False)]
+    assert sharded["offloaded_tensors"] and single["offloaded_tensors"] is None, (sharded, single)
+    for a, b in zip(sharded["losses"], single["losses"], strict=True):
+        assert abs(a - b) < 1e-3, (sharded["losses"], single["losses"])
