@@ -89,7 +89,7 @@ for stage in "$@"; do
         ;;
     time-modes)  # step time at 4096 tokens per activations mode, with and without token blocks (Mistral-7B shape)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/modes" --measure time \
-            --time-lengths 4096 --variants native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks \
+            --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks}" \
             > "$out/time_modes.log" 2>&1
         ;;
     time-offload)  # offloaded checkpoints against the same step without, at 4096 and 16384 tokens (uncapped)
