@@ -126,8 +126,14 @@ def main() -> None:
     path = compare.materialize(args.preset, device=args.device)
     seq_len = args.seq_len or compare.PRESETS[args.preset].seq_len
     runs = [(v, int(s)) for s in args.seeds.split(",") for v in args.variants.split(",")]
+
+    def run_and_say(variant_seed: tuple[str, int]) -> dict:
+        record = run(path, variant_seed[0], variant_seed[1], args.steps, seq_len, args.device, args.task)
+        print("record: " + json.dumps(record), flush=True)  # each as it ends: a run cut short keeps what finished
+        return record
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        records = list(pool.map(lambda vs: run(path, vs[0], vs[1], args.steps, seq_len, args.device, args.task), runs))
+        records = list(pool.map(run_and_say, runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "curves" if args.task == "one-sequence" else f"curves-{args.task}"
