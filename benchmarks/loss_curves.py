@@ -10,7 +10,8 @@ stride, and is scored after every step on 8 held-out progressions (`eval_losses`
 that learns more slowly shows as a gap that lasts.
 
 Each (variant, seed) runs `portable_kbit.tools.compare.run_variant` in a fresh process (load, prepare, LoRA r16 on
-q/k/v/o, non-reentrant checkpointing, AdamW lr 1e-4, `--steps` steps on one random sequence drawn with the seed);
+q/k/v/o, non-reentrant checkpointing, AdamW at `--lr` (default 1e-4), `--steps` steps on one random sequence drawn
+with the seed);
 `--jobs` processes at a time (on one GPU: each has its own allocator, so memory figures stay per process; times do not,
 and none are reported here). Writes <out>/curves.jsonl (one record per run: variant, seed, losses, training peak) and
 prints, per seed and variant, the mean gap to peft's loss over the steps (ours - peft) and the largest |gap|.
@@ -28,10 +29,14 @@ from typing import Any
 VARIANTS = ("peft", "ours-fp32", "ours-mixed", "ours-layer", "ours-native")
 
 
-def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: str, task: str) -> dict[str, Any]:
+def run(
+    path: str, variant: str, seed: int, steps: int, seq_len: int, device: str, task: str, lr: float = 1e-4
+) -> dict[str, Any]:
     from portable_kbit.tools import compare
 
-    records = compare.run_in_subprocess(path, variant, device, steps, seq_len, "bnb-nf4", data_seed=seed, task=task)
+    records = compare.run_in_subprocess(
+        path, variant, device, steps, seq_len, "bnb-nf4", data_seed=seed, task=task, lr=lr
+    )
     train = next((r for r in records if r.get("phase") == "train"), None)
     failed = next((r for r in records if "error" in r), None)
     return {
@@ -40,6 +45,7 @@ def run(path: str, variant: str, seed: int, steps: int, seq_len: int, device: st
         "steps": steps,
         "seq_len": seq_len,
         "task": task,
+        "lr": lr,
         "losses": train.get("losses") if train else None,
         "eval_losses": train.get("eval_losses") if train else None,
         "peak_allocated": train.get("peak_allocated") if train else None,
@@ -116,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--task", default="one-sequence", help="one-sequence or progressions")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--plot", action="store_true", help="also <out>/curves-<task>.png (needs matplotlib)")
     parser.add_argument("--out", required=True)
@@ -128,7 +135,7 @@ def main() -> None:
     runs = [(v, int(s)) for s in args.seeds.split(",") for v in args.variants.split(",")]
 
     def run_and_say(variant_seed: tuple[str, int]) -> dict:
-        record = run(path, variant_seed[0], variant_seed[1], args.steps, seq_len, args.device, args.task)
+        record = run(path, variant_seed[0], variant_seed[1], args.steps, seq_len, args.device, args.task, args.lr)
         print("record: " + json.dumps(record), flush=True)  # each as it ends: a run cut short keeps what finished
         return record
 

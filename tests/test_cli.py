@@ -145,6 +145,21 @@ def test_the_progressions_task_learns_a_rule_and_scores_held_out_sequences():
         compare.run_variant(tiny.checkpoint("llama"), "ours-fp32", "cpu", task="poetry")
 
 
+def test_the_learning_rate_reaches_the_variant_process(capsys):
+    """compare's internal one-variant run takes --lr (what loss_curves.py --lr passes): a larger rate moves the
+    second step's loss further than the default 1e-4."""
+    from portable_kbit.tools import tiny
+
+    second = {}
+    for lr in ("0.0001", "0.05"):
+        argv = ["compare", tiny.checkpoint("llama"), "--variant", "ours-fp32", "--device", "cpu", "--steps", "2"]
+        code, out, err = run_main(capsys, *argv, "--seq-len", "16", "--quantizer", "bnb-nf4", "--lr", lr)
+        assert code == 0, err[-2000:]
+        train = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
+        second[lr] = train["losses"][0] - train["losses"][1]
+    assert second["0.05"] > second["0.0001"] + 1e-3, second
+
+
 AUTO_DEVICE = backends.resolve("auto").device.type
 
 

@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--targets", default=None, help=argparse.SUPPRESS)
     comp.add_argument("--data-seed", type=int, default=1, help=argparse.SUPPRESS)
     comp.add_argument("--task", default="one-sequence", help=argparse.SUPPRESS)  # compare.TASKS
+    comp.add_argument("--lr", type=float, default=1e-4, help=argparse.SUPPRESS)
     comp.add_argument("--build-preset", action="store_true", help=argparse.SUPPRESS)
     comp.set_defaults(run=run_compare)
 
@@ -370,6 +371,7 @@ def run_compare(args: argparse.Namespace) -> int:
             emit=emit_line,
             data_seed=args.data_seed,
             task=args.task,
+            lr=args.lr,
         )
         return 1 if any("error" in r for r in records) else 0
 

@@ -348,6 +348,7 @@ def run_in_subprocess(
     env: dict[str, str] | None = None,
     verbose: bool = False,
     task: str = "one-sequence",
+    lr: float = 1e-4,
 ) -> list[dict[str, Any]]:
     """run_variant() in a fresh Python process; its phase records (a "process" record if it died without one).
     `env`: extra environment variables for the child (PYTORCH_CUDA_ALLOC_CONF, say). The child's stderr is kept
@@ -378,6 +379,8 @@ def run_in_subprocess(
         command += ["--data-seed", str(data_seed)]
     if task != "one-sequence":
         command += ["--task", task]
+    if lr != 1e-4:
+        command += ["--lr", repr(lr)]
     if verbose:
         command.append("--verbose")
     records: list[dict[str, Any]] = []
