@@ -274,6 +274,13 @@ def _env(expandable: bool = False) -> dict[str, str]:
     return {**env, **EXPANDABLE} if expandable else env
 
 
+def child_records(command: list[str], failed: dict, env: dict[str, str] | None = None) -> list[dict]:
+    """Run a child process to its end: the JSON records it printed, or `failed` with the end of its stderr as the
+    error where it printed none."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env or _env())
+    return _records(done.stdout) or [{**failed, "error": done.stderr.strip()[-300:]}]
+
+
 def _records(stdout: str) -> list[dict]:
     out = []
     for line in stdout.splitlines():
@@ -395,10 +402,7 @@ def run_times(
     out = []
     for variant in variants:
         command = _child_command(args, checkpoint, "--child", "time", "--variant", variant, "--seq-lens", lengths)
-        process = subprocess.run(command, capture_output=True, text=True, env=_env(args.expandable))
-        found = _records(process.stdout)
-        if not found:
-            found = [{"variant": variant, "phase": "time", "error": process.stderr.strip()[-300:]}]
+        found = child_records(command, {"variant": variant, "phase": "time"}, _env(args.expandable))
         for record in found:
             emit(record)
             log(f"time {variant} {record.get('seq_len')}: {record.get('step_seconds')} s {record.get('error', '')}")

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, os.path.abspath(__file__), "--child", "--checkpoint", checkpoint]
             command += ["--path", path, "--device", args.device, "--steps", str(args.steps)]
             command += ["--lengths", ",".join(map(str, args.lengths)), "--out", args.out]
-            done = subprocess.run(command, capture_output=True, text=True, env=long_sequences._env())
-            records = long_sequences._records(done.stdout) or [{"path": path, "error": done.stderr.strip()[-500:]}]
-            for record in records:
+            for record in long_sequences.child_records(command, {"path": path}):
                 record.update(preset=args.preset, versions=versions)
                 sink.write(json.dumps(record) + "\n")
                 print(json.dumps({k: v for k, v in record.items() if k not in ("versions", "losses")}), flush=True)

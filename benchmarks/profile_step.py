@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, os.path.abspath(__file__), "--child", "--checkpoint", checkpoint]
             command += ["--variant", variant, "--device", args.device, "--seq-len", str(args.seq_len)]
             command += ["--lora", args.lora, "--out", args.out]
-            done = subprocess.run(command, capture_output=True, text=True, env=long_sequences._env())
-            records = long_sequences._records(done.stdout)
-            record = records[-1] if records else {"variant": variant, "error": done.stderr.strip()[-500:]}
+            record = long_sequences.child_records(command, {"variant": variant})[-1]
             record.update(preset=args.preset, versions=versions)
             sink.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)

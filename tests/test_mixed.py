@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
+from test_layer_mode import dtypes_seen, load
 
 import portable_kbit
 from portable_kbit.tools import tiny
@@ -13,12 +14,6 @@ from portable_kbit.tools import tiny
 ATTENTION = tiny.LORA_TARGETS["llama"]  # q/k/v/o
 EVERY_LINEAR = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model.model."
-
-
-def load(backend: str, device: str):
-    if not bitsandbytes_supports(backend):
-        pytest.skip(f"bitsandbytes 4-bit does not run on {backend}")
-    return tiny.load(tiny.checkpoint("llama"), "bnb-nf4", device)
 
 
 def prepared(backend: str, device: str, activations: str, targets: list[str]):
@@ -34,33 +29,12 @@ def prepared(backend: str, device: str, activations: str, targets: list[str]):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
 
 
-def inputs_and_outputs(model, names: list[str], device: str) -> dict[str, set]:
-    """(input dtype, output dtype) of each named module over one training step."""
-    seen: dict[str, set] = {}
-    handles = []
-    for name in names:
-
-        def record(module, args, output, name=name):
-            out = output[0] if isinstance(output, tuple) else output
-            seen.setdefault(name, set()).add((args[0].dtype, out.dtype))
-
-        handles.append(model.get_submodule(name).register_forward_hook(record))
-    ids = tiny.batch(256, 16, 1, device)
-    try:
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def test_stream_and_adapters_fp32_mlp_and_attention_kernels_bf16(backend, device):
     model = prepared(backend, device, "mixed", ATTENTION)
     bf16, fp32 = torch.bfloat16, torch.float32
     names = ["embed_tokens", "layers.0", "layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj", "layers.0.mlp"]
     names += ["layers.0.mlp.gate_proj", "layers.0.mlp.down_proj", "layers.0.post_attention_layernorm"]
-    seen = inputs_and_outputs(model, [PREFIX + n for n in names], device)
+    seen = dtypes_seen(model, [PREFIX + n for n in names], device)
     # the stream is fp32 from the embedding on, through every layer
     assert {out for _, out in seen[PREFIX + "embed_tokens"]} == {fp32}
     assert seen[PREFIX + "layers.0"] == {(fp32, fp32)}
@@ -84,7 +58,7 @@ def test_adapted_mlp_stays_fp32(backend, device):
     """With adapters on the MLP, it computes in fp32 as in "fp32": the adapters' updates stay in fp32."""
     model = prepared(backend, device, "mixed", EVERY_LINEAR)
     names = [PREFIX + "layers.0.mlp.gate_proj", PREFIX + "layers.0.mlp.down_proj"]
-    seen = inputs_and_outputs(model, names, device)
+    seen = dtypes_seen(model, names, device)
     assert seen[names[0]] == {(torch.float32, torch.float32)}
     assert seen[names[1]] == {(torch.float32, torch.float32)}
 
@@ -119,7 +93,7 @@ def test_unprepared_half_model_dtype_missing_keeps_fp32_attention(backend, devic
     model = tiny.load(tiny.checkpoint("llama"), "none", device).float()
     portable_kbit.prepare(model, device, target_modules=ATTENTION, activations="mixed")
     model = get_peft_model(model, LoraConfig(r=4, target_modules=ATTENTION, lora_dropout=0.0))
-    inputs_and_outputs(model, [], device)
+    dtypes_seen(model, [], device)
     done = portable_kbit.report(model)
     assert not any("in bfloat16" in path for path in (done.attention_calls.paths if done.attention_calls else {}))
 
@@ -135,7 +109,7 @@ def test_sandwich_norms_keep_fp32(backend, device):
     model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
     names = [PREFIX + n for n in ("layers.0.post_attention_layernorm", "layers.0.post_feedforward_layernorm")]
     names.append(PREFIX + "layers.0.mlp.gate_proj")
-    seen = inputs_and_outputs(model, names, device)
+    seen = dtypes_seen(model, names, device)
     assert {x for x, _ in seen[names[0]]} == {torch.float32}
     assert {x for x, _ in seen[names[1]]} == {torch.float32}
     assert {x for x, _ in seen[names[2]]} == {torch.bfloat16}

@@ -232,28 +232,13 @@ def attention_forward(
     """prepare()'s attention function: transformers' sdpa attention, on the path this call gets (module doc)."""
     calls = _calls_of(getattr(module, "config", None))
     half = calls.compute_dtype if calls is not None else None
-    if half is not None and query.dtype == torch.float32:
-        return _in_half_precision(module, half, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-
-
-def _in_half_precision(
-    module: nn.Module,
-    dtype: torch.dtype,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    scaling: float | None,
-    is_causal: bool | None,
-    kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, Any]:
-    """The call with q/k/v (and a floating-point mask) in `dtype`, its output back in fp32."""
+    if half is None or query.dtype != torch.float32:
+        return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    # "mixed": q/k/v (and a floating-point mask) in the model's dtype, the output back in fp32
     if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.to(dtype)
-    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    output, weights = _attention(module, q, k, v, attention_mask, dropout, scaling, is_causal, kwargs, dtype)
+        attention_mask = attention_mask.to(half)
+    q, k, v = query.to(half), key.to(half), value.to(half)
+    output, weights = _attention(module, q, k, v, attention_mask, dropout, scaling, is_causal, kwargs, half)
     return output.to(query.dtype), weights
 
 

@@ -118,17 +118,22 @@ def _fallback_forward(module: nn.Module) -> Callable[[Forward], Forward]:
                         f"parameters ({error}); it computes in {dtype} from now on, its output cast back",
                         stacklevel=2,
                     )
-            dtype = _common_dtype(_own_matrices(module))
-            x = first_tensor(args)
-            if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
-                return call_previous(*args, **kwargs)
-            output = call_previous(*replace_first(args, x.to(dtype)), **kwargs)
-            y = first_tensor(output)
-            return replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
+            return call_in(_common_dtype(_own_matrices(module)), call_previous, args, kwargs)
 
         return forward
 
     return make
+
+
+def call_in(dtype: torch.dtype | None, call_previous: Forward, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """`call_previous` with its first floating-point positional input in `dtype` and its first floating-point output
+    cast back to that input's dtype (called as it is where `dtype` is None or the input already has it)."""
+    x = first_tensor(args)
+    if dtype is None or x is None or not x.is_floating_point() or x.dtype == dtype:
+        return call_previous(*args, **kwargs)
+    output = call_previous(*replace_first(args, x.to(dtype)), **kwargs)
+    y = first_tensor(output)
+    return replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
 
 
 #: what torch's kernels say when two operands' dtypes differ
@@ -238,12 +243,7 @@ def computes_in(dtype: torch.dtype) -> Callable[[Forward], Forward]:
 
     def make(call_previous: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            x = first_tensor(args)
-            if x is None or not x.is_floating_point() or x.dtype == dtype:
-                return call_previous(*args, **kwargs)
-            output = call_previous(*replace_first(args, x.to(dtype)), **kwargs)
-            y = first_tensor(output)
-            return replace_first(output, y.to(x.dtype)) if y is not None and y.is_floating_point() else output
+            return call_in(dtype, call_previous, args, kwargs)
 
         return forward
 

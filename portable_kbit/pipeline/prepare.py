@@ -358,7 +358,7 @@ def add_dtype_flow(
     consumers = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.is_strict_consumer(m)]
     fallbacks = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.may_need_input_cast(m)]
     layers = checkpointed_layers(model) if activations == "layer" else []
-    half_modules = frozen_mlps(model, found, changes.adapter_spec) if activations == "mixed" else []
+    half_modules = frozen_mlps(model, index, found, changes.adapter_spec) if activations == "mixed" else []
     transaction.patches.extend(
         dtype_flow.install(
             norms,
@@ -375,12 +375,14 @@ def add_dtype_flow(
     return len(consumers) + len(fallbacks)
 
 
-def frozen_mlps(model: nn.Module, found: Trace | None, spec: adapters.AdapterSpec | None) -> list[nn.Module]:
+def frozen_mlps(
+    model: nn.Module, index: ModelIndex, found: Trace | None, spec: adapters.AdapterSpec | None
+) -> list[nn.Module]:
     """The position-wise MLPs the trace found (in every layer) with no adapter inside and nothing trainable: what
     "mixed" computes in the model's dtype. None without a trace."""
     if found is None:
         return []
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(m): n for n, m in index.modules.items()}
     traced = {names[id(m)]: m for m in found.mlps if id(m) in names}
     adapted = spec.adapted if spec is not None else []
     return [

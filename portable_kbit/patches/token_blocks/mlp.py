@@ -106,10 +106,9 @@ class BlockedMlp(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, saved: Any, run: Callable, size: int, *params: torch.Tensor
     ) -> torch.Tensor:
         ctx.saved, ctx.run, ctx.size, ctx.params = saved, run, size, params
-        ctx.autocast = _autocast_state(x.device.type)
-        rows = (
-            x.detach()
-        )  # no views that claim to need gradients without a graph (hooks on the inner modules see them)
+        ctx.autocast = _autocast_dtype(x.device.type)
+        # detached: no views that claim to need gradients without a graph (hooks on the inner modules see them)
+        rows = x.detach()
         return torch.cat([run(rows[start : start + size]) for start in range(0, rows.shape[0], size)])
 
     @staticmethod
@@ -133,16 +132,15 @@ class BlockedMlp(torch.autograd.Function):
         return (grad_x, None, None, None, *grad_params)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return True, torch.get_autocast_dtype(device_type)
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The forward's autocast dtype on this device type (None: autocast off), for the recompute in backward."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _autocast(device_type: str, state: tuple[bool, torch.dtype] | None) -> Any:
-    if state is None:
+def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
         return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=state[1])
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def _rows_forward(inner: Forward) -> Callable[[torch.Tensor], torch.Tensor]:
