@@ -74,9 +74,10 @@ for stage in "$@"; do
     consumer-fit-12|consumer-fit-16)  # Llama-3.1-8B, LoRA r32 on all linear layers, at unsloth's published lengths
         cap="${stage##*-}"
         if [ "$cap" = 12 ]; then lengths=21848,32768; else lengths=40724,61086; fi
-        python3 benchmarks/long_sequences.py --preset llama-3.1-8b --device cuda:0 --out "$out/fit$cap" --measure fit \
-            --lora all-r32 --cap-gib "$cap" --steps 2 --jobs 2 --fit-lengths "$lengths" \
-            --variants "${FIT_VARIANTS:-native+blocks+offload,fp32+blocks+offload}" > "$out/fit$cap.log" 2>&1
+        python3 benchmarks/long_sequences.py --preset llama-3.1-8b --device cuda:0 --out "$out/fit$cap${FIT_SUFFIX:-}" \
+            --measure fit --lora all-r32 --cap-gib "$cap" --steps 2 --jobs "${FIT_JOBS:-2}" \
+            --fit-lengths "${FIT_LENGTHS:-$lengths}" ${FIT_EXPANDABLE:+--expandable} \
+            --variants "${FIT_VARIANTS:-native+blocks+offload,fp32+blocks+offload}" > "$out/fit$cap${FIT_SUFFIX:-}.log" 2>&1
         ;;
     profile)  # where a 4096-token step's time goes, per variant (Mistral-7B shape)
         python3 benchmarks/profile_step.py --preset mistral-7b --device cuda:0 --seq-len 4096 --out "$out/profile" \
@@ -99,6 +100,15 @@ for stage in "$@"; do
     curves-mixed)  # 40-step loss curves of peft, fp32, mixed and native on 3 data seeds, 6 processes at a time
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
             --variants peft,ours-fp32,ours-mixed,ours-native --out "$out/curves" > "$out/curves.log" 2>&1
+        ;;
+    curves-ablation)  # the same curves for mixed's two halves alone (which half moves the curve)
+        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
+            --variants ours-mixed-attention,ours-mixed-mlp --out "$out/curves-ablation" > "$out/curves_ablation.log" 2>&1
+        ;;
+    time-ablation)  # step time at 4096 tokens of mixed's two halves alone, beside native and mixed
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/ablation" --measure time \
+            --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,mixed-attention,mixed-mlp}" \
+            > "$out/time_ablation.log" 2>&1
         ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
         python3 benchmarks/oom_midprepare.py --device cuda --out "$out/oom_midprepare.json" > "$out/oom.log" 2>&1

@@ -50,6 +50,7 @@ class Variant:
     token_blocks: str | int | None = None
     liger: bool = False
     offload: bool = False  # prepare(offload_checkpoints=True): checkpointed layer inputs in host memory
+    ablation: str | None = None  # mixed with one half only (portable_kbit.tools.compare.mixed_ablation)
 
 
 def _variants() -> dict[str, Variant]:
@@ -63,6 +64,8 @@ def _variants() -> dict[str, Variant]:
         variants[f"{mode}+blocks+offload"] = Variant("ours", mode, "auto", offload=True)
         if mode in ("fp32", "native"):
             variants[f"{mode}+liger"] = Variant("ours", mode, liger=True)
+    for part in ("attention", "mlp"):  # the ablations of mixed: which half costs what
+        variants[f"mixed-{part}"] = Variant("ours", "mixed", ablation=part)
     return variants
 
 
@@ -110,15 +113,16 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
     if spec.prep == "peft":
         model = compare.prepare_variant(model, "peft", target, targets, info)
     else:
-        model = prepare(
-            model,
-            str(target.device),
-            target_modules=targets,
-            activations=spec.activations,
-            token_blocks=spec.token_blocks,
-            offload_checkpoints=spec.offload,
-            gradient_checkpointing_kwargs=CHECKPOINTING,
-        )
+        with compare.mixed_ablation(spec.ablation):
+            model = prepare(
+                model,
+                str(target.device),
+                target_modules=targets,
+                activations=spec.activations,
+                token_blocks=spec.token_blocks,
+                offload_checkpoints=spec.offload,
+                gradient_checkpointing_kwargs=CHECKPOINTING,
+            )
         done = report(model)
         if done is not None:
             info["offload"] = done.offload_reason
@@ -208,7 +212,9 @@ def child_fit(
         record["offloaded"] = _offloaded(model)
     except Exception as error:
         record["fits"] = False
-        if not _out_of_memory(error):
+        if _out_of_memory(error):  # the request that failed: fragmentation or a real shortfall
+            record["oom"] = (str(error).strip().splitlines() or [""])[0][:300]
+        else:
             record["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
     record.update(_peaks(target))
     return record

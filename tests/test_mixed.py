@@ -113,3 +113,26 @@ def test_sandwich_norms_keep_fp32(backend, device):
     assert {x for x, _ in seen[names[0]]} == {torch.float32}
     assert {x for x, _ in seen[names[1]]} == {torch.float32}
     assert {x for x, _ in seen[names[2]]} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_ablation_keeps_one_half(backend, device, part):
+    """The benchmarks' ablations of mixed (tools.compare.mixed_ablation): "attention" leaves the frozen MLPs in fp32,
+    "mlp" leaves attention in fp32; outside the context prepare() is mixed again."""
+    from portable_kbit.tools import compare
+
+    with compare.mixed_ablation(part):
+        model = prepared(backend, device, "mixed", ATTENTION)
+    gate = PREFIX + "layers.0.mlp.gate_proj"
+    seen = dtypes_seen(model, [gate], device)
+    done = portable_kbit.report(model)
+    if part == "attention":
+        assert {x for x, _ in seen[gate]} == {torch.float32}
+        assert done.attention_calls.paths == {"sdpa in bfloat16": 4}, done.attention_calls
+    else:
+        assert {x for x, _ in seen[gate]} == {torch.bfloat16}
+        assert "sdpa in bfloat16" not in done.attention_calls.paths, done.attention_calls
+    whole = prepared(backend, device, "mixed", ATTENTION)  # the stubs are gone
+    assert {x for x, _ in dtypes_seen(whole, [gate], device)[gate]} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="mixed ablation"), compare.mixed_ablation("norms"):
+        pass

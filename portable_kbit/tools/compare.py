@@ -52,6 +52,8 @@ VARIANTS: dict[str, str] = {
     "ours-fp32": "portable_kbit.prepare(activations='fp32')",
     "ours-native": "portable_kbit.prepare(activations='native')",
     "ours-mixed": "portable_kbit.prepare(activations='mixed')",
+    "ours-mixed-attention": "activations='mixed' with its frozen MLPs left in fp32 (ablation: attention's half)",
+    "ours-mixed-mlp": "activations='mixed' with attention left in fp32 (ablation: the frozen MLPs' half)",
     "ours-peft": "portable_kbit.prepare(upcast='peft')",
     "ours-layer": "portable_kbit.prepare(activations='layer')",
     "ours-fp32-upcast": "portable_kbit.prepare(activations='fp32', frozen_norms='upcast')",
@@ -214,6 +216,40 @@ def _offload_of(model: Any) -> dict[str, Any] | None:
     return done.offload.to_dict() if done is not None and done.offload is not None else None
 
 
+#: the ablations of activations="mixed": which of its two bf16 halves moves the learning curve. Each keeps one half by
+#: stubbing the other's step in the prepare pipeline for the duration of one prepare() call (a measurement, not an
+#: option: prepare() itself has no such knob)
+MIXED_ABLATIONS = ("attention", "mlp")
+
+
+@contextlib.contextmanager
+def mixed_ablation(part: str | None) -> Iterator[None]:
+    """prepare(activations="mixed") inside keeps only `part` of mixed in the model's dtype ("attention": q/k/v reach
+    attention in bf16, the frozen MLPs stay fp32; "mlp": the reverse). None: unchanged."""
+    if part is None:
+        yield
+        return
+    if part not in MIXED_ABLATIONS:
+        raise ValueError(f"mixed ablation {part!r}: expected one of {MIXED_ABLATIONS}")
+    from ..pipeline import prepare as pipeline
+
+    switch = pipeline.switch_attention
+
+    def no_frozen_mlps(*args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    def fp32_attention(model: Any, index: Any, target: Any, activations: str, *rest: Any) -> Any:
+        return switch(model, index, target, "fp32" if activations == "mixed" else activations, *rest)
+
+    name, stub = ("frozen_mlps", no_frozen_mlps) if part == "attention" else ("switch_attention", fp32_attention)
+    original = getattr(pipeline, name)
+    setattr(pipeline, name, stub)
+    try:
+        yield
+    finally:
+        setattr(pipeline, name, original)
+
+
 def prepare_variant(model: Any, variant: str, target: backends.Target, targets: Any, extra: dict) -> Any:
     """Apply one variant's preparation to a loaded model; notes for the record go into `extra`."""
     if variant == "none":
@@ -236,6 +272,8 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-fp32": {},
         "ours-native": {"activations": "native"},
         "ours-mixed": {"activations": "mixed"},
+        "ours-mixed-attention": {"activations": "mixed"},
+        "ours-mixed-mlp": {"activations": "mixed"},
         "ours-peft": {"upcast": "peft"},
         "ours-layer": {"activations": "layer"},
         "ours-fp32-upcast": {"frozen_norms": "upcast"},
@@ -243,9 +281,11 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-native-offload": {"activations": "native", "offload_checkpoints": True},
     }
     options = by_variant[variant]
-    model = prepare(
-        model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
-    )
+    ablation = variant.removeprefix("ours-mixed-") if variant.startswith("ours-mixed-") else None
+    with mixed_ablation(ablation):
+        model = prepare(
+            model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
+        )
     done = report(model)
     if done is None:  # prepare() always leaves a report: its absence is a bug, not a result
         raise RuntimeError("prepare() returned without a report")
