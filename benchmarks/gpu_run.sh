@@ -101,9 +101,9 @@ for stage in "$@"; do
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
             --variants peft,ours-fp32,ours-mixed,ours-native --out "$out/curves" > "$out/curves.log" 2>&1
         ;;
-    curves-ablation)  # the same curves for mixed's two halves alone (which half moves the curve)
-        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
-            --variants ours-mixed-attention,ours-mixed-mlp --out "$out/curves-ablation" > "$out/curves_ablation.log" 2>&1
+    curves-ablation)  # the curves of peft and of mixed's two halves alone (which half moves the curve), 9 processes
+        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 9 \
+            --variants peft,ours-mixed-attention,ours-mixed-mlp --out "$out/curves-ablation" > "$out/curves_ablation.log" 2>&1
         ;;
     time-ablation)  # step time at 4096 tokens of mixed's two halves alone, beside native and mixed
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/ablation" --measure time \
