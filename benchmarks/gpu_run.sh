@@ -90,24 +90,25 @@ for stage in "$@"; do
         ;;
     time-modes)  # step time at 4096 tokens per activations mode, with and without token blocks (Mistral-7B shape)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/modes" --measure time \
-            --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks}" \
+            --steps "${TIME_STEPS:-5}" --time-lengths 4096 \
+            --variants "${TIME_VARIANTS:-native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks}" \
             > "$out/time_modes.log" 2>&1
         ;;
     time-offload)  # offloaded checkpoints against the same step without, at 4096 and 16384 tokens (uncapped)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
-            --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
+            --steps "${TIME_STEPS:-5}" --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
         ;;
     curves-mixed)  # 40-step loss curves of peft, fp32, mixed and native on 3 data seeds, 6 processes at a time
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
             --variants peft,ours-fp32,ours-mixed,ours-native --out "$out/curves" > "$out/curves.log" 2>&1
         ;;
     curves-ablation)  # the curves of peft and of mixed's two halves alone (which half moves the curve), 9 processes
-        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 9 \
+        python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs "${CURVES_JOBS:-9}" \
             --variants peft,ours-mixed-attention,ours-mixed-mlp --out "$out/curves-ablation" > "$out/curves_ablation.log" 2>&1
         ;;
     time-ablation)  # step time at 4096 tokens of mixed's two halves alone, beside native and mixed
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/ablation" --measure time \
-            --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,mixed-attention,mixed-mlp}" \
+            --steps "${TIME_STEPS:-5}" --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,mixed-attention,mixed-mlp}" \
             > "$out/time_ablation.log" 2>&1
         ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit

@@ -16,8 +16,8 @@ gradient checkpointing, AdamW lr 1e-4, 5 steps on one random sequence.
   portable_kbit.tools.compare.cap_memory); --jobs runs that many processes at once (several 8 GiB processes fit on one
   80 GB GPU; each also holds a CUDA context of a few hundred MiB outside its cap). On a CPU there is no cap.
 - time (long_time.jsonl): one process per variant, uncapped, not concurrent; for each of --time-lengths the same
-  starting adapter weights, 5 steps, each step timed with a device synchronisation; the median of steps 2-5 and the
-  loss of every step.
+  starting adapter weights, --steps steps (5), each timed with a device synchronisation; the median of all but the
+  first, and the loss of every step.
 
 long_sequences.md is the table of both files (the latest record of each variant): --measure fit and --measure time,
 or groups of --variants with --append, can run as separate commands.
