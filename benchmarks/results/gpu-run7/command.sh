@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The seventh GPU call (2026-12-07), as it ran: the curves of mixed's halves beside peft and the 16 GiB fits of the
 # Llama-3.1-8B shape in parallel (neither is a timing), then the timings alone: offloaded checkpoints, mixed's halves.
-B=benchmarks/gpu_run.sh; O=/tmp/r7; mkdir -p "$O"; S=$SECONDS
+# END (seconds, default 570): when the last stage must be done; the parallel part ends 190 s before, the offload
+# timing 55 s before.
+B=benchmarks/gpu_run.sh; O=/tmp/r7; mkdir -p "$O"; S=$SECONDS; END=${END:-570}
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
 tree() { local c; for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }
 $B "$O" install preset
 (CURVES_JOBS=6 $B "$O" curves-ablation; FIT_SUFFIX=-exp FIT_EXPANDABLE=1 FIT_VARIANTS=native+blocks+offload FIT_LENGTHS=21848 $B "$O" consumer-fit-12) & P1=$!
 (FIT_LENGTHS=40724,61086 $B "$O" preset-llama consumer-fit-16) & P2=$!
-while [ $((SECONDS-S)) -lt 380 ] && { kill -0 $P1 || kill -0 $P2; } 2>/dev/null; do sleep 5; done
+while [ $((SECONDS-S)) -lt $((END-190)) ] && { kill -0 $P1 || kill -0 $P2; } 2>/dev/null; do sleep 5; done
 for p in $P1 $P2; do kill $(tree $p) 2>/dev/null; done; sleep 3
-TIME_STEPS=7 timeout $((515-(SECONDS-S))) $B "$O" time-offload
-TIME_STEPS=7 TIME_VARIANTS=native,mixed-attention timeout $((570-(SECONDS-S))) $B "$O" time-ablation
+TIME_STEPS=7 timeout $((END-55-(SECONDS-S))) $B "$O" time-offload
+TIME_STEPS=7 TIME_VARIANTS=native,mixed-attention timeout $((END-(SECONDS-S))) $B "$O" time-ablation
 kill $M
 cat "$O/stages.log"; grep -h "gap to peft\|FAILED" "$O/curves_ablation.log"
 cat "$O"/fit16/long_fit.jsonl "$O"/fit12-exp/long_fit.jsonl 2>/dev/null | cut -c1-300
