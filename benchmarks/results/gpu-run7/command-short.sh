@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The seventh GPU call cut to what 600 s of device time left allows (2026-12-07): the curves of mixed's halves
-# beside peft (9 processes at once), then the offloaded-checkpoint timing alone. END: when the last stage must be done.
-B=benchmarks/gpu_run.sh; O=/tmp/r7; mkdir -p "$O"; S=$SECONDS; END=${END:-400}
+# The seventh GPU call cut to what the session's device time left allows (2026-12-07): the offloaded-checkpoint
+# timing alone, then the curves of mixed's halves beside peft (9 processes at once). END: when the last stage must be
+# done. The archive is rewritten after each stage, so a call stopped early still returns what finished.
+B=benchmarks/gpu_run.sh; O=/tmp/r7; mkdir -p "$O"; S=$SECONDS; END=${END:-330}
+pack() { tar czf "$OUT/run7.tgz" -C /tmp r7; }
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
-$B "$O" install preset
-CURVES_JOBS=9 timeout $((END-150-(SECONDS-S))) $B "$O" curves-ablation
-TIME_STEPS=6 timeout $((END-(SECONDS-S))) $B "$O" time-offload
-kill $M
+$B "$O" install preset; pack
+TIME_STEPS=6 timeout 130 $B "$O" time-offload; pack; cat "$O/time_offload.log"
+CURVES_JOBS=9 timeout $((END-(SECONDS-S))) $B "$O" curves-ablation
+kill $M; pack
 cat "$O/stages.log"; grep -h "gap to peft\|FAILED" "$O/curves_ablation.log"; grep -c "^record" "$O/curves_ablation.log"
-cat "$O/time_offload.log"
-tar czf "$OUT/run7.tgz" -C /tmp r7; ls -la "$OUT"
+ls -la "$OUT"
