@@ -103,6 +103,7 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
 
     from portable_kbit import backends, prepare, report
     from portable_kbit.tools import compare, tiny
+    from portable_kbit.tools.mixed_ablation import mixed_ablation
 
     spec = VARIANTS[variant]
     target = backends.resolve(device)
@@ -113,7 +114,7 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
     if spec.prep == "peft":
         model = compare.prepare_variant(model, "peft", target, targets, info)
     else:
-        with compare.mixed_ablation(spec.ablation):
+        with mixed_ablation(spec.ablation):
             model = prepare(
                 model,
                 str(target.device),

@@ -12,6 +12,7 @@ from test_layer_mode import load
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import portable_kbit
+from portable_kbit.patches import adapter_casts
 from portable_kbit.patches.adapter_casts import CAST_METHOD, ShareAdapterCasts, SharedCasts
 from portable_kbit.pipeline.prepare import STATE_ATTRIBUTE
 from portable_kbit.tools import tiny
@@ -66,9 +67,10 @@ def test_q_k_v_adapters_get_one_copy_and_the_same_gradients(backend, device):
     patch = the_patch(model)
     # two layers, a forward and a recompute each: k and v reuse q's cast every time
     assert patch.memo.shared >= 2 * 2 * 2, patch.memo.shared
-    assert CAST_METHOD in q.__dict__
+    assert patch.memo is adapter_casts._REGISTRY[q.get_base_layer()]
     patch.remove()  # peft's own cast again: the same loss and gradients, bit for bit
-    assert CAST_METHOD not in q.__dict__
+    assert q.get_base_layer() not in adapter_casts._REGISTRY
+    assert CAST_METHOD not in q.__dict__  # nothing was ever put on the model's modules
     own_loss, own_grads = step(model, device)
     assert torch.equal(own_loss, shared_loss)
     assert own_grads.keys() == shared_grads.keys()
@@ -111,3 +113,16 @@ def test_memo_recasts_a_source_changed_in_place_and_follows_grad_mode():
     assert memo.cast(x, torch.float32, enabled=False) is x  # peft's casting switched off
     del x, first, second
     assert len(memo.copies) == 0  # the copies live no longer than their source
+
+
+def test_a_model_prepare_never_saw_casts_as_peft_does(backend, device):
+    """peft's LoraLayer method is replaced once per process, and only registered layers share: the LoRA layers of a
+    model prepare() never saw get a copy each, as from peft."""
+    prepared(load(backend, device))  # another model: the replacement is in place
+    model = get_peft_model(load(backend, device), LoraConfig(r=4, target_modules=ATTENTION, lora_dropout=0.0))
+    seen = []
+    for name in ("q_proj", "k_proj"):
+        module = model.get_submodule(f"base_model.model.model.layers.0.self_attn.{name}.lora_A.default")
+        module.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(input_ids=tiny.batch(256, 8, 1, device))
+    assert seen[0].dtype == torch.float32 and seen[1] is not seen[0]

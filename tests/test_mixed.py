@@ -119,9 +119,9 @@ def test_sandwich_norms_keep_fp32(backend, device):
 def test_ablation_keeps_one_half(backend, device, part):
     """The benchmarks' ablations of mixed (tools.compare.mixed_ablation): "attention" leaves the frozen MLPs in fp32,
     "mlp" leaves attention in fp32; outside the context prepare() is mixed again."""
-    from portable_kbit.tools import compare
+    from portable_kbit.tools.mixed_ablation import mixed_ablation
 
-    with compare.mixed_ablation(part):
+    with mixed_ablation(part):
         model = prepared(backend, device, "mixed", ATTENTION)
     gate = PREFIX + "layers.0.mlp.gate_proj"
     seen = dtypes_seen(model, [gate], device)
@@ -134,5 +134,5 @@ def test_ablation_keeps_one_half(backend, device, part):
         assert "sdpa in bfloat16" not in done.attention_calls.paths, done.attention_calls
     whole = prepared(backend, device, "mixed", ATTENTION)  # the stubs are gone
     assert {x for x, _ in dtypes_seen(whole, [gate], device)[gate]} == {torch.bfloat16}
-    with pytest.raises(ValueError, match="mixed ablation"), compare.mixed_ablation("norms"):
+    with pytest.raises(ValueError, match="mixed ablation"), mixed_ablation("norms"):
         pass

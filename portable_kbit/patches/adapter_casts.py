@@ -6,14 +6,18 @@ adapted projection saves an fp32 copy of its input for the adapter's weight grad
 normed hidden states for q/k/v, two for gate/up, each twice the size of the bf16 input. Sharing one copy gives the
 same values and gradients (autograd sums the adapters' gradients into the one copy) for a third of the memory.
 
-peft's LoRA layers are usually created after prepare() (``get_peft_model``), so the patch is a forward pre-hook on
-the model that gives each LoRA layer it finds, at each call, an instance ``_cast_input_dtype`` drawing from a memo:
-the copy lives as long as its source tensor (weak keys), and a source changed in place since is cast again.
+peft's LoRA layers are usually created after prepare() (``get_peft_model``), around the modules prepare() saw. So
+the patch registers those modules, and peft's ``LoraLayer._cast_input_dtype`` is replaced once per process by a
+function that asks the registry about the layer's base layer: a LoRA layer around a registered module casts through
+its model's memo, any other exactly as peft does. Nothing on the model changes at call time, and the recompute of a
+checkpointed layer shares as the forward does. The memo keeps a copy as long as its source tensor lives (weak keys)
+and casts a source changed in place again.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,17 +26,12 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .protocol import Patch
 
-#: the instance attribute peft looks up for the cast (peft >= 0.15; absent before, and then nothing is shared)
+#: the LoraLayer method peft casts adapter inputs with (peft >= 0.15; absent before, and then nothing is shared)
 CAST_METHOD = "_cast_input_dtype"
-
-
-def lora_layer_class() -> type | None:
-    """peft's LoraLayer where it has the cast method this patch shares, else None."""
-    try:
-        from peft.tuners.lora.layer import LoraLayer
-    except ImportError:
-        return None
-    return LoraLayer if hasattr(LoraLayer, CAST_METHOD) else None
+#: a module prepare() saw -> the memo of its model's patch
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, SharedCasts] = weakref.WeakKeyDictionary()
+#: peft's own method, kept when ours replaces it (empty until then)
+_PEFT_CAST: list[Callable[..., Any]] = []
 
 
 class SharedCasts:
@@ -58,43 +57,47 @@ class SharedCasts:
         return copy
 
 
-class ShareAdapterCasts(Patch):
-    """A forward pre-hook on `model` that points every peft LoRA layer inside at one SharedCasts memo."""
+def lora_layer_class() -> type | None:
+    """peft's LoraLayer where it has the cast method this patch shares, else None."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer if hasattr(LoraLayer, CAST_METHOD) else None
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+
+def _cast_input_dtype(self: Any, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """LoraLayer._cast_input_dtype: through the memo of the model prepare() registered the base layer for."""
+    memo = _REGISTRY.get(self.get_base_layer())
+    if memo is None:
+        return _PEFT_CAST[0](self, x, dtype)
+    return memo.cast(x, dtype, getattr(self, "cast_input_dtype_enabled", True))
+
+
+def _replace_peft_cast() -> bool:
+    """Put _cast_input_dtype on peft's LoraLayer (once per process); False where this peft has no such method."""
+    kind = lora_layer_class()
+    if kind is None:
+        return False
+    if not _PEFT_CAST:
+        _PEFT_CAST.append(getattr(kind, CAST_METHOD))
+        setattr(kind, CAST_METHOD, _cast_input_dtype)
+    return True
+
+
+class ShareAdapterCasts(Patch):
+    """Registers `modules` (those adapters may wrap) with one memo: their LoRA layers share casts of an input."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = list(modules)
         self.memo = SharedCasts()
-        self.handle: Any = None
-        self.layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def apply(self) -> None:
-        self.handle = self.model.register_forward_pre_hook(self._share)
+        if _replace_peft_cast():
+            for module in self.modules:
+                _REGISTRY[module] = self.memo
 
     def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-        for layer in list(self.layers):
-            if getattr(layer.__dict__.get(CAST_METHOD), "__self__", None) is self:
-                del layer.__dict__[CAST_METHOD]
-        self.layers = weakref.WeakSet()
-
-    def _share(self, module: nn.Module, args: Any) -> None:
-        kind = lora_layer_class()
-        if kind is None:
-            return
-        for layer in self.model.modules():
-            if isinstance(layer, kind) and CAST_METHOD not in layer.__dict__:
-                layer.__dict__[CAST_METHOD] = _Bound(self, layer)
-                self.layers.add(layer)
-
-
-class _Bound:
-    """``layer._cast_input_dtype(x, dtype)`` answered from the patch's memo (``__self__``: the patch, for remove())."""
-
-    def __init__(self, patch: ShareAdapterCasts, layer: nn.Module) -> None:
-        self.__self__ = patch
-        self.layer = weakref.ref(layer)
-
-    def __call__(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        enabled = getattr(self.layer(), "cast_input_dtype_enabled", True)
-        return self.__self__.memo.cast(x, dtype, enabled)
+        for module in self.modules:
+            if _REGISTRY.get(module) is self.memo:
+                del _REGISTRY[module]

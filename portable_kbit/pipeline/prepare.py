@@ -21,8 +21,7 @@ from ..model.hf import call, enable_checkpointing, hf_model, input_embeddings, i
 from ..model.index import ModelIndex
 from ..model.layers import checkpointed_layers, in_every_layer
 from ..model.trace import Trace, trace
-from ..patches import attention, dtype_flow
-from ..patches.adapter_casts import ShareAdapterCasts
+from ..patches import adapter_casts, attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
 from ..patches.offload import CheckpointOffload
 from ..patches.protocol import Hook, InstanceAttribute, InstanceForward, PatchSet
@@ -190,7 +189,7 @@ def prepare(
         guarded = add_dtype_flow(model, index, changes, found, activations, chunk, transaction)
         attention_choice = switch_attention(model, index, target, activations, upcast, had_fp32_attention, transaction)
         block_calls = add_token_blocks(model, blocks_plan, transaction)
-        share_adapter_input_casts(model, transaction)
+        transaction.patches.apply(adapter_casts.ShareAdapterCasts(index.modules.values()))  # one cast per input
         checkpointing = enable_gradient_checkpointing(
             model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
         )
@@ -426,12 +425,6 @@ def add_token_blocks(
     counts = BlockedCalls()
     transaction.patches.extend(token_blocks_plan.patches(model, blocks_plan, counts))
     return counts
-
-
-def share_adapter_input_casts(model: nn.Module, transaction: Transaction) -> None:
-    """peft's LoRA layers that cast the same input to their adapters' dtype share one copy (patches/adapter_casts.py):
-    in "native" mode q/k/v would otherwise each keep an fp32 copy of their input for the backward."""
-    transaction.patches.apply(ShareAdapterCasts(hf_model(model)))
 
 
 def enable_gradient_checkpointing(

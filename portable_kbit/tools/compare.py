@@ -34,6 +34,7 @@ from ..memory import snapshots
 from ..model.hf import enable_checkpointing
 from . import quantizer_probe as quantizers
 from . import tiny
+from .mixed_ablation import mixed_ablation
 from .presets import PRESETS, Preset, build_preset, child_env, lora_targets, materialize, versions
 
 PHASES = ("start", "load", "prep", "lora", "train")
@@ -214,40 +215,6 @@ def _offload_of(model: Any) -> dict[str, Any] | None:
 
     done = report(model.get_base_model()) if hasattr(model, "get_base_model") else None
     return done.offload.to_dict() if done is not None and done.offload is not None else None
-
-
-#: the ablations of activations="mixed": which of its two bf16 halves moves the learning curve. Each keeps one half by
-#: stubbing the other's step in the prepare pipeline for the duration of one prepare() call (a measurement, not an
-#: option: prepare() itself has no such knob)
-MIXED_ABLATIONS = ("attention", "mlp")
-
-
-@contextlib.contextmanager
-def mixed_ablation(part: str | None) -> Iterator[None]:
-    """prepare(activations="mixed") inside keeps only `part` of mixed in the model's dtype ("attention": q/k/v reach
-    attention in bf16, the frozen MLPs stay fp32; "mlp": the reverse). None: unchanged."""
-    if part is None:
-        yield
-        return
-    if part not in MIXED_ABLATIONS:
-        raise ValueError(f"mixed ablation {part!r}: expected one of {MIXED_ABLATIONS}")
-    from ..pipeline import prepare as pipeline
-
-    switch = pipeline.switch_attention
-
-    def no_frozen_mlps(*args: Any, **kwargs: Any) -> list[Any]:
-        return []
-
-    def fp32_attention(model: Any, index: Any, target: Any, activations: str, *rest: Any) -> Any:
-        return switch(model, index, target, "fp32" if activations == "mixed" else activations, *rest)
-
-    name, stub = ("frozen_mlps", no_frozen_mlps) if part == "attention" else ("switch_attention", fp32_attention)
-    original = getattr(pipeline, name)
-    setattr(pipeline, name, stub)
-    try:
-        yield
-    finally:
-        setattr(pipeline, name, original)
 
 
 def prepare_variant(model: Any, variant: str, target: backends.Target, targets: Any, extra: dict) -> Any:
