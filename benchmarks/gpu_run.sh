@@ -6,7 +6,9 @@
 # forecast, forecast-5steps, oom, fsdp-1gpu, pytest, pytest-bg (the tests in the background, to overlap GPU-bound
 # stages), and pytest-since-run-2 (the test files whose code changed after the second run). Each writes into OUT_DIR;
 # logs go to OUT_DIR/*.log. Runs 4 and 5 (2026-12-06): install preset oom forecast, then install preset oom and the
-# whole suite (benchmarks/results/h100/run4, run5).
+# whole suite (benchmarks/results/h100/run4, run5). Run 6 (2026-12-07): install preset time-modes time-offload
+# curves-mixed preset-llama consumer-fit-12 (benchmarks/results/h100/run6). Timing stages take TIME_STEPS (8: single
+# steps of run 6 ran up to 2.7x their median, and a median of 4 moved 16% between two processes of one variant).
 set -uo pipefail
 out="$1"; shift
 mkdir -p "$out"
@@ -90,13 +92,13 @@ for stage in "$@"; do
         ;;
     time-modes)  # step time at 4096 tokens per activations mode, with and without token blocks (Mistral-7B shape)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/modes" --measure time \
-            --steps "${TIME_STEPS:-5}" --time-lengths 4096 \
+            --steps "${TIME_STEPS:-8}" --time-lengths 4096 \
             --variants "${TIME_VARIANTS:-native,mixed,fp32,native+blocks,mixed+blocks,fp32+blocks}" \
             > "$out/time_modes.log" 2>&1
         ;;
     time-offload)  # offloaded checkpoints against the same step without, at 4096 and 16384 tokens (uncapped)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
-            --steps "${TIME_STEPS:-5}" --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
+            --steps "${TIME_STEPS:-8}" --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
         ;;
     curves-mixed)  # 40-step loss curves of peft, fp32, mixed and native on 3 data seeds, 6 processes at a time
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
@@ -108,7 +110,7 @@ for stage in "$@"; do
         ;;
     time-ablation)  # step time at 4096 tokens of mixed's two halves alone, beside native and mixed
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/ablation" --measure time \
-            --steps "${TIME_STEPS:-5}" --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,mixed-attention,mixed-mlp}" \
+            --steps "${TIME_STEPS:-8}" --time-lengths 4096 --variants "${TIME_VARIANTS:-native,mixed,mixed-attention,mixed-mlp}" \
             > "$out/time_ablation.log" 2>&1
         ;;
     oom)  # a real out-of-memory in the middle of prepare(upcast="peft")'s chunks: restored bit for bit
