@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The seventh GPU call (2026-12-07), as it ran: the curves of mixed's halves beside peft and the 16 GiB fits of the
-# Llama-3.1-8B shape in parallel (neither is a timing), then the timings alone: offloaded checkpoints, mixed's halves.
+# The next GPU call, prepared 2026-12-07 and not run yet (every start after run 6 was refused): the curves of mixed's
+# halves beside peft and the 16 GiB fits of the Llama-3.1-8B shape in parallel (neither is a timing), then the
+# timings alone: offloaded checkpoints, mixed's halves. Run from the repository root on the GPU machine with the
+# wheels in .whl/ (carry it); the archive comes back as $OUT/run7.tgz.
 # END (seconds, default 570): when the last stage must be done; the parallel part ends 190 s before, the offload
 # timing 55 s before.
 B=benchmarks/gpu_run.sh; O=/tmp/r7; mkdir -p "$O"; S=$SECONDS; END=${END:-570}
