@@ -427,7 +427,7 @@ def table(fits: dict[str, dict], times: list[dict]) -> str:
     for variant in dict.fromkeys([*fits, *(r["variant"] for r in times)]):
         fit = fits.get(variant, {})
         longest = fit.get("longest")
-        cell = "" if not fit else str(longest)
+        cell = "" if not fit else str(longest) if longest else f"< {fit.get('first_failure')}"
         if longest and peft_fit:
             cell += f" ({longest / peft_fit:.2f}x peft)"
         row = [variant, cell]
@@ -440,7 +440,9 @@ def table(fits: dict[str, dict], times: list[dict]) -> str:
             if seconds and reference and base != variant:
                 text += f" ({seconds / reference:.2f}x)"
             row.append(text)
-        notes = [fit.get("error") or ""] + [by.get((variant, n), {}).get("error") or "" for n in lengths]
+        # a time run that failed before its first length has no length: its error is the variant's
+        notes = [fit.get("error") or "", by.get((variant, None), {}).get("error") or ""]
+        notes += [by.get((variant, n), {}).get("error") or "" for n in lengths]
         row.append("; ".join(n for n in notes if n)[:200])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -71,3 +71,12 @@ def test_table_and_loss_gaps(bench):
     text = bench.table(fits, times)
     assert "7680 (4.29x peft)" in text and "2.200 (1.10x)" in text
     assert bench.loss_gaps(times) == {"native+blocks@4096": pytest.approx(0.0005)}
+
+
+def test_table_keeps_failures_without_a_length(bench):
+    """A time run that failed before its first length, and a fit where no length fitted, still say so."""
+    fits = {"native+blocks+offload": {"longest": None, "first_failure": 21848}}
+    times = [{"variant": "mixed", "phase": "time", "error": "RuntimeError: no device"}]
+    text = bench.table(fits, times)
+    assert "| native+blocks+offload | < 21848 |" in text
+    assert "| mixed |" in text and "RuntimeError: no device" in text
