@@ -104,7 +104,8 @@ def plot(results: dict[int, dict[str, dict]], path: Path) -> str | None:
     axes.set_xticks([x + 0.4 - width / 2 for x in range(len(caps))], [f"{c} GiB" for c in caps])
     axes.set_ylabel("longest sequence that trained (tokens)")
     axes.set_title("Llama-3.1-8B shape, QLoRA r32 on all linear layers, batch 1")
-    axes.legend(fontsize=7, loc="upper left")
+    axes.set_ylim(0, 1.3 * max((max(v) for v in series.values()), default=1))  # room for the legend above the bars
+    axes.legend(fontsize=7, loc="upper left", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return None
