@@ -100,6 +100,11 @@ for stage in "$@"; do
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
             --steps "${TIME_STEPS:-8}" --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
         ;;
+    time)  # step time, Mistral-7B shape, one process per variant: TIME_VARIANTS at TIME_LENGTHS into TIME_DIR
+        python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/${TIME_DIR:-time}" \
+            --measure time --append --steps "${TIME_STEPS:-8}" --time-lengths "${TIME_LENGTHS:-4096}" \
+            --variants "${TIME_VARIANTS:-native,native+blocks,native+blocks+tiledmlp}" >> "$out/time.log" 2>&1
+        ;;
     curves-mixed)  # 40-step loss curves of peft, fp32, mixed and native on 3 data seeds, 6 processes at a time
         python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
             --variants peft,ours-fp32,ours-mixed,ours-native --out "$out/curves" > "$out/curves.log" 2>&1

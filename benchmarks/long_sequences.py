@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -51,6 +52,7 @@ class Variant:
     liger: bool = False
     offload: bool = False  # prepare(offload_checkpoints=True): checkpointed layer inputs in host memory
     ablation: str | None = None  # mixed with one half only (portable_kbit.tools.compare.mixed_ablation)
+    mlp_rule: str | None = None  # the backend's mlp_block_rule for this process ("hidden": TiledMLP's block size)
 
 
 def _variants() -> dict[str, Variant]:
@@ -64,6 +66,9 @@ def _variants() -> dict[str, Variant]:
         variants[f"{mode}+blocks+offload"] = Variant("ours", mode, "auto", offload=True)
         if mode in ("fp32", "native"):
             variants[f"{mode}+liger"] = Variant("ours", mode, liger=True)
+        for tail, offload in (("+blocks+tiledmlp", False), ("+blocks+offload+tiledmlp", True)):
+            # the MLPs in blocks of about the hidden width (Backend.mlp_block_rule = "hidden"), the head's unchanged
+            variants[mode + tail] = Variant("ours", mode, "auto", offload=offload, mlp_rule="hidden")
     for part in ("attention", "mlp"):  # the ablations of mixed: which half costs what
         variants[f"mixed-{part}"] = Variant("ours", "mixed", ablation=part)
     return variants
@@ -114,7 +119,8 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
     if spec.prep == "peft":
         model = compare.prepare_variant(model, "peft", target, targets, info)
     else:
-        with mixed_ablation(spec.ablation):
+        rule = spec.mlp_rule or target.backend.mlp_block_rule
+        with mixed_ablation(spec.ablation), mock.patch.object(target.backend, "mlp_block_rule", rule):
             model = prepare(
                 model,
                 str(target.device),
@@ -128,6 +134,7 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
         if done is not None:
             info["offload"] = done.offload_reason
             info["token_blocks"] = done.token_blocks
+            info["mlp_token_blocks"] = done.mlp_token_blocks
             info["blocked_head"] = done.blocked_head
             info["blocked_mlps"] = len(done.blocked_mlps)
             info["not_blocked"] = done.not_blocked

@@ -456,7 +456,33 @@ def test_backend_block_size():
     assert backend.token_block_size(4 * 262144, None, unified=False) == 256  # Gemma 3's
     assert backend.token_block_size(4 * 32768, 64 * MiB, unified=False) == 128  # memory pressure: the floor
     assert backend.token_block_size(4 * 32768, None, unified=True) == 1024
+    # the MLPs (Llama-3.1-8B's: hidden 4096, intermediate 14336): as the head's by default; about the hidden width
+    # under the "hidden" rule, within the byte cap and shrunk under pressure as the head's are
+    assert backend.token_block_size(4 * 14336, None, unified=False, hidden=4096) == 1024
+    backend.mlp_block_rule = "hidden"
+    assert backend.token_block_size(4 * 14336, None, unified=False, hidden=4096) == 4096
+    assert backend.token_block_size(4 * 14336, None, unified=True, hidden=4096) == 2304  # 128 MiB / 56 KiB
+    assert backend.token_block_size(4 * 14336, 64 * MiB, unified=False, hidden=4096) == 256
+    assert backend.token_block_size(4 * 14336, None, unified=False, hidden=512) == 1024  # never shorter
     assert blocks.AUTO == "auto"
+
+
+def test_mlp_blocks_of_their_own_size(monkeypatch):
+    """Under the "hidden" rule the MLPs get blocks of the hidden width (64 here, the head's 16), reported; the step is
+    the one without blocks."""
+    model = build("llama")
+    inputs = batch()  # 80 rows: MLP blocks of 64 and 16 tokens
+    plain = train_step(model, None, inputs)
+    for name, value in {"default_block_tokens": 16, "min_block_tokens": 8, "block_token_multiple": 8}.items():
+        monkeypatch.setattr(Backend, name, value)
+    for rule, mlp_tokens in (("head", 16), ("hidden", 64)):
+        monkeypatch.setattr(Backend, "mlp_block_rule", rule)
+        blocked = train_step(model, "auto", inputs)
+        done = portable_kbit.report(blocked[2].get_base_model())
+        assert (done.token_blocks, done.mlp_token_blocks) == (16, mlp_tokens)
+        assert (f"MLPs in blocks of {mlp_tokens} tokens" in done.summary()) == (rule == "hidden")
+        assert_blocking_ran(blocked[2])
+        assert_same_step(plain, blocked)
 
 
 def test_failed_repeat_keeps_the_blocks_of_the_call_before(monkeypatch):

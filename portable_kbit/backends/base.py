@@ -72,6 +72,11 @@ class Backend:
     unified_max_block_bytes: int = 128 * MiB
     min_block_tokens: int = 128
     block_token_multiple: int = 64
+    #: the MLPs' blocks under token_blocks="auto": "head" (as many tokens as the head's blocks) or "hidden" (about
+    #: as many tokens as the hidden width, DeepSpeed TiledMLP's rule, within the same byte cap: a block's
+    #: [tokens, intermediate] temporaries then weigh about what the MLP's weights do, and 4-bit weights, which each
+    #: block dequantizes again, are dequantized a few times a step instead of once per 1024 tokens)
+    mlp_block_rule: str = "head"
     #: the quantization libraries that have kernels for this device, best first (as "library-scheme" names):
     #: bitsandbytes nf4, then optimum-quanto int4, which runs everywhere
     preferred_quantizers: tuple[str, ...] = ("bnb-nf4", "quanto-int4")
@@ -249,15 +254,19 @@ class Backend:
         divisor = self.unified_pressure_divisor if unified else self.pressure_divisor
         return max(self.min_chunk_bytes, min(default, headroom // divisor))
 
-    def token_block_size(self, bytes_per_token: int, headroom: int | None, unified: bool) -> int:
+    def token_block_size(
+        self, bytes_per_token: int, headroom: int | None, unified: bool, hidden: int | None = None
+    ) -> int:
         """Tokens per block for the blocked head/loss and MLPs: the backend's default, fewer where one block's widest
         temporary (`bytes_per_token` per token: 4 x vocab for fp32 logits) would pass the backend's cap or, under
         memory pressure, headroom / the pressure divisor. A multiple of `block_token_multiple`, at least
-        `min_block_tokens`."""
+        `min_block_tokens`. For the MLPs (`hidden`: their input width) `mlp_block_rule` may make blocks longer."""
         cap = self.unified_max_block_bytes if unified else self.max_block_bytes
         if headroom is not None:
             divisor = self.unified_pressure_divisor if unified else self.pressure_divisor
             cap = min(cap, headroom // divisor)
         tokens = min(self.default_block_tokens, cap // max(1, bytes_per_token))
+        if hidden is not None and self.mlp_block_rule == "hidden" and tokens == self.default_block_tokens:
+            tokens = max(tokens, min(hidden, cap // max(1, bytes_per_token)))
         tokens -= tokens % self.block_token_multiple
         return max(self.min_block_tokens, tokens)

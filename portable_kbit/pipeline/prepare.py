@@ -269,9 +269,9 @@ def plan_token_blocks(
     if token_blocks is None or found is None:
         return None
 
-    def size(bytes_per_token: int) -> tuple[int, str]:
-        default = target.backend.token_block_size(bytes_per_token, None, before.unified)
-        tokens = target.backend.token_block_size(bytes_per_token, before.headroom, before.unified)
+    def size(bytes_per_token: int, hidden: int | None) -> tuple[int, str]:
+        default = target.backend.token_block_size(bytes_per_token, None, before.unified, hidden)
+        tokens = target.backend.token_block_size(bytes_per_token, before.headroom, before.unified, hidden)
         return tokens, "backend default" if tokens == default else "shrunk by memory pressure"
 
     return token_blocks_plan.build(model, found, token_blocks, size)

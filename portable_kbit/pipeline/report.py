@@ -96,6 +96,7 @@ class PrepReport:
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
+    mlp_token_blocks: int | None = None  # tokens per block of the MLPs (the backend may make them longer)
     blocked_head: str | None = None  # the output head whose logits and loss run in blocks (None: not blocked)
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
     blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
@@ -179,9 +180,11 @@ class PrepReport:
         if self.token_blocks is not None:
             head = "head and loss" if self.blocked_head else "no head"
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""
+            longer = self.mlp_token_blocks not in (None, self.token_blocks)
+            mlp_size = f" in blocks of {self.mlp_token_blocks} tokens" if longer and self.blocked_mlps else ""
             lines.append(
                 f"  token blocks of {self.token_blocks} tokens ({self.token_blocks_source}): {head}{transform}, "
-                f"{len(self.blocked_mlps)} MLPs"
+                f"{len(self.blocked_mlps)} MLPs{mlp_size}"
             )
             lines += [f"  not blocked: {name}: {why}" for name, why in self.not_blocked.items()]
             if self.token_block_calls is not None:

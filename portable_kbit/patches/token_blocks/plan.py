@@ -37,19 +37,25 @@ def check_option(value: Any) -> None:
 class BlocksPlan:
     """What prepare() blocks, and how many tokens per block."""
 
-    size: int
+    size: int  # tokens per block of the head and loss
     source: str  # "argument", "backend default", "shrunk by memory pressure"
     head: nn.Module | None  # the output head whose logits and loss run in blocks (None: left alone)
     head_name: str | None
     transform: LogitTransform | None
     mlps: dict[str, MlpCandidate]  # name -> how to block it
     left_alone: dict[str, str]  # name or part -> why
+    mlp_size: int = 0  # tokens per block of the MLPs (0: as `size`)
+
+    @property
+    def mlp_tokens(self) -> int:
+        return self.mlp_size or self.size
 
 
 def build(
-    model: nn.Module, found: Trace, token_blocks: int | str, size: Callable[[int], tuple[int, str]]
+    model: nn.Module, found: Trace, token_blocks: int | str, size: Callable[[int, int | None], tuple[int, str]]
 ) -> BlocksPlan:
-    """Decide what to block from the trace. ``size(bytes_per_token)`` gives the block size and its source for "auto".
+    """Decide what to block from the trace. For "auto", ``size(bytes_per_token, None)`` gives the head's block size
+    and its source, ``size(bytes_per_token, hidden)`` the MLPs' (the backend may size those by their input width).
 
     Raises ValueError (before any change) when an explicit block size is asked for and the model's head and loss
     cannot be blocked: its logits go through a transform that cannot be replayed on blocks, or the trace failed.
@@ -80,14 +86,16 @@ def build(
             "no module takes a norm's output alone and returns its shape (the feed-forward may be inline in the "
             "decoder layer, as in OPT)"
         )
-    widths = [4 * _out_features(head)] if head is not None else []
-    widths += [4 * _widest_leaf(candidate.module) for candidate in mlps.values()]
+    mlp_widths = [4 * _widest_leaf(candidate.module) for candidate in mlps.values()]
+    widths = ([4 * _out_features(head)] if head is not None else []) + mlp_widths
     if explicit:
         assert isinstance(token_blocks, int)
-        block, source = token_blocks, "argument"
+        block, source, mlp_block = token_blocks, "argument", token_blocks
     else:
-        block, source = size(max(widths, default=1))
-    return BlocksPlan(block, source, head, head_name, found.transform if head else None, mlps, left_alone)
+        block, source = size(max(widths, default=1), None)
+        mlp_block = size(max(mlp_widths), _hidden_width(base, mlps))[0] if mlps else block
+    transform = found.transform if head else None
+    return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block)
 
 
 def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Patch]:
@@ -101,7 +109,9 @@ def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Pa
         original = getattr(original, "blocked_loss_of", original)
         out += HeadAndLoss(base, plan.size, plan.transform, original, counts).patches()
     for candidate in plan.mlps.values():
-        out.append(InstanceForward(candidate.module, blocked_forward(candidate.module, plan.size, candidate, counts)))
+        out.append(
+            InstanceForward(candidate.module, blocked_forward(candidate.module, plan.mlp_tokens, candidate, counts))
+        )
     return out
 
 
@@ -183,6 +193,18 @@ def _expand_mlps(
         for name, module in model.named_modules()
         if name and same_kind(name, module) in by_kind
     }
+
+
+def _hidden_width(model: nn.Module, mlps: dict[str, MlpCandidate]) -> int:
+    """The MLPs' input width: the config's hidden size, else the first MLP's first layer's input features."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        return hidden
+    for module in next(iter(mlps.values())).module.modules():
+        width = getattr(module, "in_features", None)
+        if isinstance(width, int):
+            return width
+    return 1
 
 
 def _out_features(module: nn.Module) -> int:
