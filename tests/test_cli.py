@@ -211,6 +211,8 @@ def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsy
         "cpu",  # the byte counts above are the CPU's
         "--verify",
         "--json",
+        "--lora-targets",
+        "q_proj,v_proj,gate_proj,down_proj",
         "--cache-dir",
         str(tmp_path),
     )
@@ -218,6 +220,9 @@ def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsy
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     forecast, *checks = records
     assert forecast["kind"] == "forecast" and forecast["longest_seq_len"] is None
+    # the adapters where --lora-targets says, in this process and in the verifying one
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    assert forecast["lora_targets"] == targets and checks[0]["lora_targets"] == targets
     assert [(c["kind"], c["seq_len"], c["fits"], c["capped"]) for c in checks] == [("verify", 64, True, False)]
     assert abs(checks[0]["measured_bytes"] / forecast["peak_bytes"]["64"] - 1) <= 0.15
 
@@ -233,6 +238,7 @@ def test_fit_verify_runs_the_lengths_that_fit_in_fresh_processes(tmp_path, capsy
         (["fit", "tiny", "--activations", "fp32,fp8"], "--activations 'fp32,fp8': use one or more of"),
         (["fit", "tiny", "--seq-lens", "512,-1"], "write positive ints"),
         (["fit", "tiny", "--batch-size", "0"], "--batch-size must be a positive int"),
+        (["fit", "tiny", "--lora-targets", " ,"], "--lora-targets names no module"),
         (["fit", "/no/such/folder"], "neither a local checkpoint"),
     ],
 )

@@ -185,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated lengths to forecast (default {','.join(map(str, DEFAULT_SEQ_LENS))})",
     )
     fit.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    fit.add_argument("--lora-rank", type=int, default=16, help="LoRA r on the attention projections (default 16)")
+    fit.add_argument("--lora-rank", type=int, default=16, help="LoRA r (default 16)")
+    fit.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names LoRA wraps, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+        "(unsloth's setting; default: the attention projections)",
+    )
     fit.add_argument(
         "--verify",
         action="store_true",

@@ -95,8 +95,8 @@ def load_prepared(
     path: str, mode: str, device: str, quantizer: str, r: int = LORA_RANK, targets: Sequence[str] | None = None
 ) -> Any:
     """The model as it will be trained: loaded through `quantizer`, prepared as the configuration `mode` says
-    ("native", "fp32+blocks+offload" ...), LoRA r on the attention projections (lora_alpha 2r, no dropout),
-    non-reentrant gradient checkpointing."""
+    ("native", "fp32+blocks+offload" ...), LoRA r on `targets` (default: the attention projections; lora_alpha 2r,
+    no dropout), non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
     from ..pipeline.prepare import prepare
@@ -123,12 +123,14 @@ def forecast_mode(
     batch_size: int = 1,
     budget_bytes: int | None = None,
     r: int = LORA_RANK,
+    targets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Load, prepare with activations=`mode`, attach LoRA, forecast; the Forecast's record (plus what was loaded).
+    """Load, prepare with activations=`mode`, attach LoRA (r on `targets`: default the attention projections),
+    forecast; the Forecast's record (plus what was loaded).
     The model is freed afterwards, so that the next mode starts from the same memory."""
     target = backends.resolve(device)
     quantizer = quantizer or quantizers.choose(target.backend.name)
-    model = load_prepared(path, mode, str(target.device), quantizer, r)
+    model = load_prepared(path, mode, str(target.device), quantizer, r, targets)
     try:
         positions = max_positions(model)
         result = forecast(model, seq_lens, batch_size, budget_bytes, device=str(target.device))
@@ -142,6 +144,7 @@ def forecast_mode(
         "checkpoint": path,
         "quantizer": quantizer,
         "lora_rank": r,
+        "lora_targets": list(targets) if targets else presets.lora_targets(path),
         "max_positions": positions,
         **result.to_dict(),
     }
@@ -156,18 +159,20 @@ def verify_length(
     batch_size: int = 1,
     cap_bytes: int | None = None,
     r: int = LORA_RANK,
+    targets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One real training step at `seq_len` (after the optimizer state exists, as the forecast assumes), in this
     process, under a cap of `cap_bytes` where the backend can cap its allocator: the measured peak, or the error."""
     target = backends.resolve(device)
     quantizer = quantizer or quantizers.choose(target.backend.name)
     record: dict[str, Any] = {"kind": "verify", "mode": mode, "seq_len": seq_len, "cap_bytes": cap_bytes}
+    record["lora_targets"] = list(targets) if targets else presets.lora_targets(path)
     guard = None
     if cap_bytes is not None and target.backend.can_cap(target.device):
         guard = memory_guard(device=str(target.device), cap_bytes=cap_bytes)
     record["capped"] = guard is not None
     try:
-        model = load_prepared(path, mode, str(target.device), quantizer, r)
+        model = load_prepared(path, mode, str(target.device), quantizer, r, targets)
         measured = measure_step(model, target, seq_len, batch_size, token_for(model))
         record.update(measured_bytes=measured.peak_bytes, measured_by=measured.source)
         if cap_bytes is not None and guard is None:  # no cap here (CPU): the measurement decides
@@ -191,6 +196,7 @@ def verify_in_subprocess(
     batch_size: int,
     cap_bytes: int | None,
     r: int = LORA_RANK,
+    targets: Sequence[str] | None = None,
     timeout: float | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
@@ -198,6 +204,8 @@ def verify_in_subprocess(
     the process ended. With `verbose` the child keeps the libraries' output (--verbose), copied to this stderr."""
     command = [sys.executable, "-m", "portable_kbit", "fit", path, "--verify-one", str(seq_len), "--activations"]
     command += [mode, "--device", device, "--batch-size", str(batch_size), "--lora-rank", str(r)]
+    if targets:
+        command += ["--lora-targets", ",".join(targets)]
     if quantizer:
         command += ["--quantizer", quantizer]
     if cap_bytes is not None:

@@ -29,6 +29,9 @@ def run_fit(args: argparse.Namespace) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive int, not {value}")
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    if args.lora_targets is not None and not targets:
+        raise ValueError(f"--lora-targets names no module: {args.lora_targets!r} (e.g. q_proj,v_proj)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of measuring
         raise ImportError("--plot needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
     if args.verify_one is not None:  # one real step in this (fresh) process: one JSON line on stdout
@@ -41,6 +44,7 @@ def run_fit(args: argparse.Namespace) -> int:
             args.batch_size,
             budget,
             args.lora_rank,
+            targets,
         )
         print(json.dumps(record), flush=True)
         return 0
@@ -60,7 +64,7 @@ def run_fit(args: argparse.Namespace) -> int:
     try:
         for mode in modes:
             forecast_record = fit.forecast_mode(
-                path, mode, args.device, args.quantizer, lengths, args.batch_size, budget, args.lora_rank
+                path, mode, args.device, args.quantizer, lengths, args.batch_size, budget, args.lora_rank, targets
             )
             emit(forecast_record)
             if not args.verify:
@@ -76,6 +80,7 @@ def run_fit(args: argparse.Namespace) -> int:
                         args.batch_size,
                         forecast_record["budget_bytes"],
                         args.lora_rank,
+                        targets,
                         verbose=args.verbose,
                     )
                 )
