@@ -50,4 +50,6 @@ if os.environ.get("PORTABLE_KBIT_TEST_BLOCKING_OFF") == "1":
     from portable_kbit.patches.token_blocks import plan as _blocks_plan
 
     _patches = _blocks_plan.patches
-    _blocks_plan.patches = lambda model, plan, counts: _patches(model, dataclasses.replace(plan, size=1 << 40), counts)
+    _blocks_plan.patches = lambda model, plan, counts: _patches(
+        model, dataclasses.replace(plan, size=1 << 40, mlp_size=1 << 40), counts
+    )
