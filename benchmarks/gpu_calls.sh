@@ -5,9 +5,9 @@
 # done; the monitor log samples GPU and host memory every 30 s.
 #
 # run 7: in parallel (none is a timing) the curves of mixed's halves beside peft, the 12 GiB fits of the
-#   Llama-3.1-8B shape (native again: adapter casts now shared; the MLPs in blocks of the hidden width, "+tiledmlp")
-#   and the 16 GiB fits; then alone the step times at 4096 and 16384 tokens: token blocks with the head's and with
-#   the hidden width's MLP blocks, and offloaded checkpoints.
+#   Llama-3.1-8B shape at 21,848 (native again: adapter casts now shared; the MLPs in blocks of the hidden width,
+#   "+tiledmlp") and the 16 GiB fits at 40,724; then alone the profile of a 4096-token step (native, with token
+#   blocks, with the hidden width's MLP blocks) and the step with and without offloaded checkpoints.
 # run 8: in parallel peft's column under 12 and 16 GiB and `portable-kbit fit` (forecasts of the same
 #   configurations under the same caps); then alone the MPS stand-in step at 8192 tokens and the profile of a
 #   4096-token step with and without token blocks.
@@ -23,16 +23,15 @@ ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 case "$CALL" in
 7)
     $B "$O" install preset
-    (CURVES_JOBS=6 $B "$O" curves-ablation; FIT_JOBS=3 FIT_SUFFIX=-native FIT_LENGTHS=21848,32768 \
+    (CURVES_JOBS=6 $B "$O" curves-ablation; FIT_JOBS=3 FIT_SUFFIX=-native FIT_LENGTHS=21848 \
         FIT_VARIANTS=native+blocks+offload,native+blocks+offload+tiledmlp,fp32+blocks+offload+tiledmlp $B "$O" consumer-fit-12) & P1=$!
-    (FIT_LENGTHS=40724,61086 $B "$O" preset-llama consumer-fit-16) & P2=$!
-    wait_until 250
-    TIME_STEPS=6 TIME_LENGTHS=4096 TIME_VARIANTS=native timeout $(left) $B "$O" time
-    TIME_STEPS=6 TIME_LENGTHS=4096,16384 TIME_VARIANTS=native+blocks,native+blocks+tiledmlp,native+blocks+offload+tiledmlp \
-        timeout $(left) $B "$O" time
+    (FIT_LENGTHS=40724 $B "$O" preset-llama consumer-fit-16) & P2=$!
+    wait_until 290
+    PROFILE_VARIANTS=native,native+blocks,native+blocks+tiledmlp timeout $(($(left)-125)) $B "$O" profile
+    TIME_STEPS=5 TIME_LENGTHS=4096,16384 TIME_VARIANTS=native+blocks,native+blocks+offload timeout $(left) $B "$O" time
     grep -h "gap to peft\|FAILED" "$O/curves_ablation.log"
     cat "$O"/fit16/long_fit.jsonl "$O"/fit12-native/long_fit.jsonl 2>/dev/null | cut -c1-300
-    cat "$O"/time/long_sequences.md 2>/dev/null
+    cat "$O"/profile/profile.jsonl 2>/dev/null | cut -c1-600; cat "$O"/time/long_sequences.md 2>/dev/null
     ;;
 8)
     $B "$O" install preset preset-llama
