@@ -26,8 +26,10 @@ case "$CALL" in
     (CURVES_JOBS=6 $B "$O" curves-ablation; FIT_JOBS=3 FIT_SUFFIX=-native FIT_LENGTHS=21848 \
         FIT_VARIANTS=native+blocks+offload,native+blocks+offload+tiledmlp,fp32+blocks+offload+tiledmlp $B "$O" consumer-fit-12) & P1=$!
     (FIT_LENGTHS=40724 $B "$O" preset-llama consumer-fit-16) & P2=$!
-    wait_until 290
-    PROFILE_VARIANTS=native,native+blocks,native+blocks+tiledmlp timeout $(($(left)-125)) $B "$O" profile
+    if [ "${PROFILE:-1}" = 1 ]; then  # PROFILE=0 (a short call): the parallel part runs on, no profile
+        wait_until 290
+        PROFILE_VARIANTS=native,native+blocks,native+blocks+tiledmlp timeout $(($(left)-125)) $B "$O" profile
+    else wait_until 125; fi
     TIME_STEPS=5 TIME_LENGTHS=4096,16384 TIME_VARIANTS=native+blocks,native+blocks+offload timeout $(left) $B "$O" time
     grep -h "gap to peft\|FAILED" "$O/curves_ablation.log"
     cat "$O"/fit16/long_fit.jsonl "$O"/fit12-native/long_fit.jsonl 2>/dev/null | cut -c1-300
