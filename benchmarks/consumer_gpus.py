@@ -40,19 +40,22 @@ SOURCE = "https://unsloth.ai/blog/llama3-3"
 
 
 def read(folders: list[str]) -> dict[int, dict[str, dict]]:
-    """cap GiB -> configuration -> {"fitted": [lengths], "failed": [lengths], "errors": [...]}"""
+    """cap GiB -> configuration -> {"fitted": [lengths], "failed": [lengths], "errors": [...]}. A configuration and
+    cap measured again in a later folder (newer code) replaces the earlier folder's record of it."""
     out: dict[int, dict[str, dict]] = {}
     for folder in folders:
-        path = Path(folder) / "long_fit.jsonl"
-        for line in path.read_text().splitlines():
+        found: dict[tuple[int, str], dict] = {}
+        for line in (Path(folder) / "long_fit.jsonl").read_text().splitlines():
             record = json.loads(line)
             if record.get("phase") != "fit-length":
                 continue
-            cap = round(record.get("cap_mib", 0) / 1024)
-            entry = out.setdefault(cap, {}).setdefault(record["variant"], {"fitted": [], "failed": [], "errors": []})
+            key = (round(record.get("cap_mib", 0) / 1024), record["variant"])
+            entry = found.setdefault(key, {"fitted": [], "failed": [], "errors": []})
             (entry["fitted"] if record.get("fits") else entry["failed"]).append(record["seq_len"])
             if record.get("error"):
                 entry["errors"].append(record["error"])
+        for (cap, variant), entry in found.items():
+            out.setdefault(cap, {})[variant] = entry
     return out
 
 
@@ -61,7 +64,7 @@ def cell(entry: dict | None) -> str:
         return "not run"
     fitted, failed = max(entry["fitted"], default=None), min(entry["failed"], default=None)
     if fitted is None:
-        text = f"< {failed}" if failed else "?"
+        text = f"< {failed:,}" if failed else "?"
     elif failed is None:
         text = f">= {fitted:,}"
     else:
@@ -113,7 +116,11 @@ def plot(results: dict[int, dict[str, dict]], path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="long_sequences.py --out folders (one per cap)")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        help="long_sequences.py --out folders, oldest first (a later one replaces what it remeasured)",
+    )
     parser.add_argument("--out", required=True, help="path without suffix: writes .md and .png")
     args = parser.parse_args(argv)
     results = read(args.folders)

@@ -80,3 +80,30 @@ def test_table_keeps_failures_without_a_length(bench):
     text = bench.table(fits, times)
     assert "| native+blocks+offload | < 21848 |" in text
     assert "| mixed |" in text and "RuntimeError: no device" in text
+
+
+def test_consumer_table_takes_a_remeasured_configuration_from_the_later_folder(tmp_path):
+    """benchmarks/consumer_gpus.py: a configuration measured again in a later folder replaces the earlier record;
+    the others stay."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("consumer_gpus", PATH.parent / "consumer_gpus.py")
+    assert spec is not None and spec.loader is not None
+    consumer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(consumer)
+
+    def folder(name: str, records: list[tuple[str, int, bool]]) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        lines = [
+            {"phase": "fit-length", "variant": v, "seq_len": n, "fits": f, "cap_mib": 12288} for v, n, f in records
+        ]
+        (path / "long_fit.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        return str(path)
+
+    old = folder("old", [("native", 21848, False), ("fp32", 21848, True), ("fp32", 32768, False)])
+    new = folder("new", [("native", 21848, True)])
+    results = consumer.read([old, new])
+    assert consumer.cell(results[12]["native"]) == ">= 21,848"
+    assert consumer.cell(results[12]["fp32"]) == "21,848 (32,768 does not)"
+    assert consumer.cell(consumer.read([new, old])[12]["native"]) == "< 21,848"
