@@ -464,6 +464,14 @@ def test_backend_block_size():
     assert backend.token_block_size(4 * 14336, None, unified=True, hidden=4096) == 2304  # 128 MiB / 56 KiB
     assert backend.token_block_size(4 * 14336, 64 * MiB, unified=False, hidden=4096) == 256
     assert backend.token_block_size(4 * 14336, None, unified=False, hidden=512) == 1024  # never shorter
+    # MLP calls up to the hidden width run whole on CUDA's discrete memory only (measured there, not on ROCm)
+    from portable_kbit.backends.cuda import CudaBackend
+    from portable_kbit.backends.rocm import RocmBackend
+
+    assert Backend().mlp_whole_up_to(4096, unified=False) == 0
+    assert CudaBackend().mlp_whole_up_to(4096, unified=False) == 4096
+    assert CudaBackend().mlp_whole_up_to(4096, unified=True) == 0  # Jetson
+    assert RocmBackend().mlp_whole_up_to(4096, unified=False) == 0
     assert blocks.AUTO == "auto"
 
 
@@ -483,6 +491,29 @@ def test_mlp_blocks_of_their_own_size(monkeypatch):
         assert (f"MLPs in blocks of {mlp_tokens} tokens" in done.summary()) == (rule == "hidden")
         assert_blocking_ran(blocked[2])
         assert_same_step(plain, blocked)
+
+
+def test_mlp_calls_up_to_the_hidden_width_run_whole_where_the_backend_says(monkeypatch):
+    """A backend with mlp_whole_up_to_hidden (CUDA on discrete memory) runs MLP calls of up to the hidden width
+    (64 here) whole and longer ones in blocks; reported, counted with the reason, the same step as without blocks."""
+    for name, value in {"default_block_tokens": 16, "min_block_tokens": 8, "block_token_multiple": 8}.items():
+        monkeypatch.setattr(Backend, name, value)
+    monkeypatch.setattr(Backend, "mlp_whole_up_to", lambda self, hidden, unified: hidden)
+    model = build("llama")
+    short, long = batch(rows=1), batch()  # 40 tokens (more than a block, less than 64), 80
+    for inputs, blocked_calls in ((short, 0), (long, 4)):  # 2 layers, each MLP call once more in the recompute
+        plain = train_step(model, None, inputs)
+        blocked = train_step(model, "auto", inputs)
+        assert_same_step(plain, blocked)
+        done = portable_kbit.report(blocked[2].get_base_model())
+        assert (done.token_blocks, done.mlp_token_blocks, done.mlp_whole_up_to) == (16, 16, 64)
+        assert "(calls of up to 64 tokens whole)" in done.summary()
+        mlps = calls(blocked[2])["MLPs"]
+        assert mlps["blocked"] == blocked_calls, mlps
+        if not blocked_calls:
+            assert list(mlps["whole"]) == [
+                "no more tokens than the hidden width (the backend runs those whole: faster)"
+            ]
 
 
 def test_failed_repeat_keeps_the_blocks_of_the_call_before(monkeypatch):

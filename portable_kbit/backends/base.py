@@ -77,6 +77,10 @@ class Backend:
     #: [tokens, intermediate] temporaries then weigh about what the MLP's weights do, and 4-bit weights, which each
     #: block dequantizes again, are dequantized a few times a step instead of once per 1024 tokens)
     mlp_block_rule: str = "head"
+    #: MLP calls of no more tokens than the hidden width run whole on a device with memory of its own (their
+    #: temporaries then weigh about what the MLP's weights do); longer calls run in blocks as the rule says. Off by
+    #: default; backends whose measurements showed it faster turn it on (CUDA: docs/long-sequences.md)
+    mlp_whole_up_to_hidden: bool = False
     #: the quantization libraries that have kernels for this device, best first (as "library-scheme" names):
     #: bitsandbytes nf4, then optimum-quanto int4, which runs everywhere
     preferred_quantizers: tuple[str, ...] = ("bnb-nf4", "quanto-int4")
@@ -270,3 +274,7 @@ class Backend:
             tokens = max(tokens, min(hidden, cap // max(1, bytes_per_token)))
         tokens -= tokens % self.block_token_multiple
         return max(self.min_block_tokens, tokens)
+
+    def mlp_whole_up_to(self, hidden: int, unified: bool) -> int:
+        """MLP calls of up to this many tokens run whole under token_blocks="auto" (0: only those of one block)."""
+        return hidden if self.mlp_whole_up_to_hidden and not unified else 0

@@ -269,12 +269,7 @@ def plan_token_blocks(
     if token_blocks is None or found is None:
         return None
 
-    def size(bytes_per_token: int, hidden: int | None) -> tuple[int, str]:
-        default = target.backend.token_block_size(bytes_per_token, None, before.unified, hidden)
-        tokens = target.backend.token_block_size(bytes_per_token, before.headroom, before.unified, hidden)
-        return tokens, "backend default" if tokens == default else "shrunk by memory pressure"
-
-    return token_blocks_plan.build(model, found, token_blocks, size)
+    return token_blocks_plan.build(model, found, token_blocks, target.backend, before.headroom, before.unified)
 
 
 # ---- the changes (inside the transaction) ---------------------------------------------------------------------------

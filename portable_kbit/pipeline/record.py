@@ -90,6 +90,7 @@ def _blocks_report(blocks_plan: token_blocks_plan.BlocksPlan | None, calls: Bloc
         "token_blocks": blocks_plan.size,
         "token_blocks_source": blocks_plan.source,
         "mlp_token_blocks": blocks_plan.mlp_tokens,
+        "mlp_whole_up_to": blocks_plan.mlp_whole_up_to,
         "blocked_head": blocks_plan.head_name if blocks_plan.head is not None else None,
         "logit_transform": blocks_plan.transform.describe() if blocks_plan.transform is not None else [],
         "blocked_mlps": list(blocks_plan.mlps),

@@ -97,6 +97,7 @@ class PrepReport:
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
     mlp_token_blocks: int | None = None  # tokens per block of the MLPs (the backend may make them longer)
+    mlp_whole_up_to: int = 0  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
     blocked_head: str | None = None  # the output head whose logits and loss run in blocks (None: not blocked)
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
     blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
@@ -182,6 +183,8 @@ class PrepReport:
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""
             longer = self.mlp_token_blocks not in (None, self.token_blocks)
             mlp_size = f" in blocks of {self.mlp_token_blocks} tokens" if longer and self.blocked_mlps else ""
+            if self.mlp_whole_up_to and self.blocked_mlps:
+                mlp_size += f" (calls of up to {self.mlp_whole_up_to} tokens whole)"
             lines.append(
                 f"  token blocks of {self.token_blocks} tokens ({self.token_blocks_source}): {head}{transform}, "
                 f"{len(self.blocked_mlps)} MLPs{mlp_size}"

@@ -161,10 +161,10 @@ def as_one_function(module: nn.Module, candidate: MlpCandidate) -> bool:
 
 
 def blocked_forward(
-    module: nn.Module, size: int, candidate: MlpCandidate, counts: BlockedCalls
+    module: nn.Module, size: int, candidate: MlpCandidate, counts: BlockedCalls, whole_up_to: int = 0
 ) -> Callable[[Forward], Forward]:
-    """The MLP's forward over blocks of `size` tokens, around `inner` (what it replaces); each call counted, blocked
-    or whole with the reason."""
+    """The MLP's forward over blocks of `size` tokens, around `inner` (what it replaces); a call of up to
+    `whole_up_to` tokens runs whole. Each call counted, blocked or whole with the reason."""
 
     one_function = as_one_function(module, candidate)
 
@@ -175,7 +175,7 @@ def blocked_forward(
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
             if is_tracing():
                 return inner(x, *args, **kwargs)
-            reason = _why_whole(module, size, x, args, kwargs)
+            reason = _why_whole(module, size, whole_up_to, x, args, kwargs)
             if reason is not None:
                 counts.ran_whole(MLPS, reason)
                 return inner(x, *args, **kwargs)
@@ -206,7 +206,7 @@ def blocked_forward(
     return make
 
 
-def _why_whole(module: nn.Module, size: int, x: Any, args: tuple, kwargs: dict) -> str | None:
+def _why_whole(module: nn.Module, size: int, whole_up_to: int, x: Any, args: tuple, kwargs: dict) -> str | None:
     """Why this call runs whole (None: it runs in blocks)."""
     if args or kwargs:
         return "called with more than the hidden states"
@@ -214,6 +214,9 @@ def _why_whole(module: nn.Module, size: int, x: Any, args: tuple, kwargs: dict) 
         return "eval mode"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return "its input is not a tensor of tokens"
-    if x.numel() // max(1, x.shape[-1]) <= size:
+    tokens = x.numel() // max(1, x.shape[-1])
+    if tokens <= size:
         return "one block or fewer tokens"
+    if tokens <= whole_up_to:
+        return "no more tokens than the hidden width (the backend runs those whole: faster)"
     return None

@@ -4,12 +4,12 @@ patches that put them on the model."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...backends import Backend
 from ...model.hf import hf_model, loss_function
 from ...model.layers import layer_pattern, same_kind
 from ...model.logit_transform import LogitTransform
@@ -45,6 +45,7 @@ class BlocksPlan:
     mlps: dict[str, MlpCandidate]  # name -> how to block it
     left_alone: dict[str, str]  # name or part -> why
     mlp_size: int = 0  # tokens per block of the MLPs (0: as `size`)
+    mlp_whole_up_to: int = 0  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
 
     @property
     def mlp_tokens(self) -> int:
@@ -52,10 +53,10 @@ class BlocksPlan:
 
 
 def build(
-    model: nn.Module, found: Trace, token_blocks: int | str, size: Callable[[int, int | None], tuple[int, str]]
+    model: nn.Module, found: Trace, token_blocks: int | str, backend: Backend, headroom: int | None, unified: bool
 ) -> BlocksPlan:
-    """Decide what to block from the trace. For "auto", ``size(bytes_per_token, None)`` gives the head's block size
-    and its source, ``size(bytes_per_token, hidden)`` the MLPs' (the backend may size those by their input width).
+    """Decide what to block from the trace. For "auto", the backend's block sizes for the head and for the MLPs
+    (shrunk under memory pressure: `headroom`), and up to how many tokens an MLP call runs whole.
 
     Raises ValueError (before any change) when an explicit block size is asked for and the model's head and loss
     cannot be blocked: its logits go through a transform that cannot be replayed on blocks, or the trace failed.
@@ -90,12 +91,16 @@ def build(
     widths = ([4 * _out_features(head)] if head is not None else []) + mlp_widths
     if explicit:
         assert isinstance(token_blocks, int)
-        block, source, mlp_block = token_blocks, "argument", token_blocks
+        block, source, mlp_block, mlp_whole = token_blocks, "argument", token_blocks, 0
     else:
-        block, source = size(max(widths, default=1), None)
-        mlp_block = size(max(mlp_widths), _hidden_width(base, mlps))[0] if mlps else block
+        block = backend.token_block_size(max(widths, default=1), headroom, unified)
+        plenty = backend.token_block_size(max(widths, default=1), None, unified)
+        source = "backend default" if block == plenty else "shrunk by memory pressure"
+        hidden = _hidden_width(base, mlps) if mlps else None
+        mlp_block = backend.token_block_size(max(mlp_widths), headroom, unified, hidden) if mlps else block
+        mlp_whole = backend.mlp_whole_up_to(hidden, unified) if hidden and mlp_block == block else 0
     transform = found.transform if head else None
-    return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block)
+    return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block, mlp_whole)
 
 
 def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Patch]:
@@ -110,7 +115,10 @@ def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Pa
         out += HeadAndLoss(base, plan.size, plan.transform, original, counts).patches()
     for candidate in plan.mlps.values():
         out.append(
-            InstanceForward(candidate.module, blocked_forward(candidate.module, plan.mlp_tokens, candidate, counts))
+            InstanceForward(
+                candidate.module,
+                blocked_forward(candidate.module, plan.mlp_tokens, candidate, counts, plan.mlp_whole_up_to),
+            )
         )
     return out
 
