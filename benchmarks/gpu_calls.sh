@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0; benchmarks/results/h100/run7), run 8 is next. Usage on the GPU machine, from the repository root, wheels in .whl/
-# (carry it): `CALL=7 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
+# The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0; benchmarks/results/h100/run7), run 8 is next.
+# Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
+# `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
 # done; the monitor log samples GPU and host memory every 30 s.
 #
