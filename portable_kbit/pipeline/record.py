@@ -89,7 +89,7 @@ def _blocks_report(blocks_plan: token_blocks_plan.BlocksPlan | None, calls: Bloc
     return {
         "token_blocks": blocks_plan.size,
         "token_blocks_source": blocks_plan.source,
-        "mlp_token_blocks": blocks_plan.mlp_tokens,
+        "mlp_token_blocks": blocks_plan.mlp_size,
         "mlp_whole_up_to": blocks_plan.mlp_whole_up_to,
         "blocked_head": blocks_plan.head_name if blocks_plan.head is not None else None,
         "logit_transform": blocks_plan.transform.describe() if blocks_plan.transform is not None else [],

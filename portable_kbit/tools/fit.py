@@ -91,6 +91,12 @@ def activation_modes(text: str) -> list[str]:
     return modes
 
 
+def lora_targets(path: str, targets: Sequence[str] | None) -> list[str] | None:
+    """The modules LoRA wraps: `targets`, or by default the checkpoint's attention projections (None: peft's
+    defaults for its model type)."""
+    return list(targets) if targets else presets.lora_targets(path)
+
+
 def load_prepared(
     path: str, mode: str, device: str, quantizer: str, r: int = LORA_RANK, targets: Sequence[str] | None = None
 ) -> Any:
@@ -101,7 +107,7 @@ def load_prepared(
 
     from ..pipeline.prepare import prepare
 
-    targets = list(targets) if targets else presets.lora_targets(path)
+    targets = lora_targets(path, targets)
     model = tiny.load(path, quantizer, device)
     options = configurations.parse(mode).prepare_options()
     model = prepare(model, device, target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options)
@@ -144,7 +150,7 @@ def forecast_mode(
         "checkpoint": path,
         "quantizer": quantizer,
         "lora_rank": r,
-        "lora_targets": list(targets) if targets else presets.lora_targets(path),
+        "lora_targets": lora_targets(path, targets),
         "max_positions": positions,
         **result.to_dict(),
     }
@@ -166,7 +172,7 @@ def verify_length(
     target = backends.resolve(device)
     quantizer = quantizer or quantizers.choose(target.backend.name)
     record: dict[str, Any] = {"kind": "verify", "mode": mode, "seq_len": seq_len, "cap_bytes": cap_bytes}
-    record["lora_targets"] = list(targets) if targets else presets.lora_targets(path)
+    record["lora_targets"] = lora_targets(path, targets)
     guard = None
     if cap_bytes is not None and target.backend.can_cap(target.device):
         guard = memory_guard(device=str(target.device), cap_bytes=cap_bytes)

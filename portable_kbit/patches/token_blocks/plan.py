@@ -44,12 +44,8 @@ class BlocksPlan:
     transform: LogitTransform | None
     mlps: dict[str, MlpCandidate]  # name -> how to block it
     left_alone: dict[str, str]  # name or part -> why
-    mlp_size: int = 0  # tokens per block of the MLPs (0: as `size`)
-    mlp_whole_up_to: int = 0  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
-
-    @property
-    def mlp_tokens(self) -> int:
-        return self.mlp_size or self.size
+    mlp_size: int  # tokens per block of the MLPs
+    mlp_whole_up_to: int  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
 
 
 def build(
@@ -117,7 +113,7 @@ def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Pa
         out.append(
             InstanceForward(
                 candidate.module,
-                blocked_forward(candidate.module, plan.mlp_tokens, candidate, counts, plan.mlp_whole_up_to),
+                blocked_forward(candidate.module, plan.mlp_size, candidate, counts, plan.mlp_whole_up_to),
             )
         )
     return out
