@@ -456,8 +456,8 @@ def test_backend_block_size():
     assert backend.token_block_size(4 * 262144, None, unified=False) == 256  # Gemma 3's
     assert backend.token_block_size(4 * 32768, 64 * MiB, unified=False) == 128  # memory pressure: the floor
     assert backend.token_block_size(4 * 32768, None, unified=True) == 1024
-    # the MLPs (Llama-3.1-8B's: hidden 4096, intermediate 14336): as the head's by default; about the hidden width
-    # under the "hidden" rule, within the byte cap and shrunk under pressure as the head's are
+    # the MLPs (Llama-3.1-8B's: hidden 4096, intermediate 14336): 1024 by default (its head's: 512); about the
+    # hidden width under the "hidden" rule, within the byte cap and shrunk under pressure as the head's are
     assert backend.token_block_size(4 * 14336, None, unified=False, hidden=4096) == 1024
     backend.mlp_block_rule = "hidden"
     assert backend.token_block_size(4 * 14336, None, unified=False, hidden=4096) == 4096
@@ -514,6 +514,22 @@ def test_mlp_calls_up_to_the_hidden_width_run_whole_where_the_backend_says(monke
             assert list(mlps["whole"]) == [
                 "no more tokens than the hidden width (the backend runs those whole: faster)"
             ]
+
+
+def test_mlp_whole_rule_does_not_depend_on_the_heads_block(monkeypatch):
+    """A big vocabulary shrinks the head's blocks (8 tokens here) below the MLPs' (16); MLP calls up to the hidden
+    width still run whole where the backend says so (Llama 3's 128256 vocabulary on CUDA)."""
+    sizes = {"default_block_tokens": 16, "min_block_tokens": 8, "block_token_multiple": 8, "max_block_bytes": 12288}
+    for name, value in sizes.items():  # 12288 bytes: 12 tokens of fp32 logits (vocabulary 256), 24 of the MLP's
+        monkeypatch.setattr(Backend, name, value)
+    monkeypatch.setattr(Backend, "is_unified", lambda self, device: False)
+    monkeypatch.setattr(Backend, "mlp_whole_up_to_hidden", True)
+    model = build("llama")
+    portable_kbit.prepare(
+        model, target_modules=TARGETS, token_blocks="auto", gradient_checkpointing_kwargs=CHECKPOINTING
+    )
+    done = portable_kbit.report(model)
+    assert (done.token_blocks, done.mlp_token_blocks, done.mlp_whole_up_to) == (8, 16, 64)
 
 
 def test_failed_repeat_keeps_the_blocks_of_the_call_before(monkeypatch):

@@ -96,7 +96,7 @@ class PrepReport:
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
-    mlp_token_blocks: int | None = None  # tokens per block of the MLPs (the backend may make them longer)
+    mlp_token_blocks: int | None = None  # tokens per block of the MLPs (sized from their own widest temporary)
     mlp_whole_up_to: int = 0  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
     blocked_head: str | None = None  # the output head whose logits and loss run in blocks (None: not blocked)
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
@@ -181,8 +181,8 @@ class PrepReport:
         if self.token_blocks is not None:
             head = "head and loss" if self.blocked_head else "no head"
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""
-            longer = self.mlp_token_blocks not in (None, self.token_blocks)
-            mlp_size = f" in blocks of {self.mlp_token_blocks} tokens" if longer and self.blocked_mlps else ""
+            own_size = self.mlp_token_blocks not in (None, self.token_blocks)
+            mlp_size = f" in blocks of {self.mlp_token_blocks} tokens" if own_size and self.blocked_mlps else ""
             if self.mlp_whole_up_to and self.blocked_mlps:
                 mlp_size += f" (calls of up to {self.mlp_whole_up_to} tokens whole)"
             lines.append(

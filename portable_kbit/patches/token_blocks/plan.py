@@ -92,9 +92,12 @@ def build(
         block = backend.token_block_size(max(widths, default=1), headroom, unified)
         plenty = backend.token_block_size(max(widths, default=1), None, unified)
         source = "backend default" if block == plenty else "shrunk by memory pressure"
-        hidden = _hidden_width(base, mlps) if mlps else None
-        mlp_block = backend.token_block_size(max(mlp_widths), headroom, unified, hidden) if mlps else block
-        mlp_whole = backend.mlp_whole_up_to(hidden, unified) if hidden and mlp_block == block else 0
+        mlp_block, mlp_whole = block, 0
+        if mlps:
+            hidden = _hidden_width(base, mlps)
+            mlp_block = backend.token_block_size(max(mlp_widths), headroom, unified, hidden)
+            if mlp_block == backend.token_block_size(max(mlp_widths), None, unified, hidden):  # not under pressure
+                mlp_whole = backend.mlp_whole_up_to(hidden, unified)
     transform = found.transform if head else None
     return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block, mlp_whole)
 
