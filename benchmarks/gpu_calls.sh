@@ -9,24 +9,27 @@
 #   Llama-3.1-8B shape at 21,848 (native again: adapter casts now shared; the MLPs in blocks of the hidden width,
 #   "+tiledmlp") and the 16 GiB fits at 40,724; then alone the profile of a 4096-token step (native, with token
 #   blocks, with the hidden width's MLP blocks) and the step with and without offloaded checkpoints.
-# run 8: in parallel peft's column under 12 and 16 GiB and `portable-kbit fit` (forecasts of the same
-#   configurations under the same caps); then alone the MPS stand-in step at 8192 tokens and the profile of a
-#   4096-token step with and without token blocks.
+# run 8: in parallel (none is a timing) peft's column under 8, 12 and 16 GiB, the 8 GiB row of ours, the 1.5x aim
+#   in native (32,768 under 12 GiB, 61,086 under 16) and `portable-kbit fit`'s forecasts of the same configurations.
+# run 9: alone, one process at a time: the 4096-token step of fp32, layer and mixed with and without token blocks
+#   (the MLP rule of a693a79), the Llama-3.1-8B step at 8192 tokens under 12 GiB with and without offloaded
+#   checkpoints (the longest that fits without), and the MPS stand-in step at 8192 tokens.
 B=benchmarks/gpu_run.sh; CALL=${CALL:-7}; O=/tmp/r$CALL; mkdir -p "$O"; S=$SECONDS; END=${END:-580}
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
 (while sleep 20; do tar czf "$OUT/.run.tgz" -C /tmp "r$CALL" 2>/dev/null && mv "$OUT/.run.tgz" "$OUT/run$CALL.tgz"; done) & A=$!
 tree() { local c; for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }
 # wait for the background jobs, at most until `END - $1` seconds, then end them
-wait_until() { while [ $((SECONDS-S)) -lt $((END-$1)) ] && { kill -0 $P1 || kill -0 $P2; } 2>/dev/null; do sleep 5; done
-    for p in $P1 $P2; do kill $(tree $p) 2>/dev/null; done; sleep 3; }
+running() { local p; for p in $PS; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+wait_until() { while [ $((SECONDS-S)) -lt $((END-$1)) ] && running; do sleep 5; done
+    for p in $PS; do kill $(tree $p) 2>/dev/null; done; sleep 3; }
 left() { echo $((END-(SECONDS-S))); }
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 case "$CALL" in
 7)
     $B "$O" install preset
     (CURVES_JOBS=6 $B "$O" curves-ablation; FIT_JOBS=3 FIT_SUFFIX=-native FIT_LENGTHS=21848 \
-        FIT_VARIANTS=native+blocks+offload,native+blocks+offload+tiledmlp,fp32+blocks+offload+tiledmlp $B "$O" consumer-fit-12) & P1=$!
-    (FIT_LENGTHS=40724 $B "$O" preset-llama consumer-fit-16) & P2=$!
+        FIT_VARIANTS=native+blocks+offload,native+blocks+offload+tiledmlp,fp32+blocks+offload+tiledmlp $B "$O" consumer-fit-12) & PS=$!
+    (FIT_LENGTHS=40724 $B "$O" preset-llama consumer-fit-16) & PS="$PS $!"
     if [ "${PROFILE:-1}" = 1 ]; then  # PROFILE=0 (a short call): the parallel part runs on, no profile
         wait_until 290
         PROFILE_VARIANTS=native,native+blocks,native+blocks+tiledmlp timeout $(($(left)-125)) $B "$O" profile
@@ -37,18 +40,30 @@ case "$CALL" in
     cat "$O"/profile/profile.jsonl 2>/dev/null | cut -c1-600; cat "$O"/time/long_sequences.md 2>/dev/null
     ;;
 8)
-    $B "$O" install preset preset-llama
-    (FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_LENGTHS=1024,2048,3072 FIT_JOBS=3 $B "$O" consumer-fit-12 consumer-fit-16) & P1=$!
-    (for cap in 12 16; do
+    $B "$O" install preset-llama
+    (export FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_JOBS=2
+        FIT_LENGTHS=512,1024,2048 $B "$O" consumer-fit-8; FIT_LENGTHS=1024,2048,3072 $B "$O" consumer-fit-12
+        FIT_LENGTHS=2048,3072,4096 $B "$O" consumer-fit-16
+        FIT_SUFFIX= FIT_VARIANTS= FIT_LENGTHS=2972,4096,6144 $B "$O" consumer-fit-8) & PS=$!
+    (export FIT_SUFFIX=-aim FIT_VARIANTS=native+blocks+offload FIT_JOBS=1
+        FIT_LENGTHS=32768 $B "$O" consumer-fit-12; FIT_LENGTHS=61086 $B "$O" consumer-fit-16) & PS="$PS $!"
+    (for cap in 8 12 16; do
+        case $cap in 8) lengths=2048,2972,4096,6144 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
         python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
             --activations native+blocks+offload,fp32+blocks+offload \
-            --seq-lens 16384,21848,32768,40724,61086 --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1
-    done) & P2=$!
-    wait_until 260
-    timeout $(($(left)-130)) $B "$O" standin
-    PROFILE_VARIANTS=native,native+blocks timeout $(left) $B "$O" profile
-    cat "$O"/fit12-peft/long_fit.jsonl "$O"/fit16-peft/long_fit.jsonl 2>/dev/null | cut -c1-200
-    tail -n 25 "$O"/fit-forecast-*.log; cat "$O"/mps_standin_step.jsonl 2>/dev/null | cut -c1-400
+            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1
+    done) & PS="$PS $!"
+    wait_until 10
+    for d in fit8-peft fit12-peft fit16-peft fit8 fit12-aim fit16-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
+    tail -n 12 "$O"/fit-forecast-*.log
+    ;;
+9)
+    $B "$O" install preset preset-llama
+    TIME_STEPS=6 TIME_DIR=modes TIME_VARIANTS=fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks \
+        timeout $(($(left)-250)) $B "$O" time
+    timeout $(($(left)-140)) $B "$O" time-llama
+    timeout $(left) $B "$O" standin
+    cat "$O"/modes/long_sequences.md "$O"/time-llama/long_sequences.md; cat "$O"/mps_standin_step.jsonl | cut -c1-400
     ;;
 esac
 kill $M $A

@@ -73,9 +73,9 @@ for stage in "$@"; do
         python3 benchmarks/mps_standin_step.py --preset mistral-7b --device cuda --lengths 8192 --steps 2 \
             --out "$out" > "$out/standin.log" 2>&1
         ;;
-    consumer-fit-12|consumer-fit-16)  # Llama-3.1-8B, LoRA r32 on all linear layers, at unsloth's published lengths
+    consumer-fit-8|consumer-fit-12|consumer-fit-16)  # Llama-3.1-8B, LoRA r32 on all linear layers, unsloth's lengths
         cap="${stage##*-}"
-        if [ "$cap" = 12 ]; then lengths=21848,32768; else lengths=40724,61086; fi
+        case "$cap" in 8) lengths=2972,4096 ;; 12) lengths=21848,32768 ;; *) lengths=40724,61086 ;; esac
         python3 benchmarks/long_sequences.py --preset llama-3.1-8b --device cuda:0 --out "$out/fit$cap${FIT_SUFFIX:-}" \
             --measure fit --lora all-r32 --cap-gib "$cap" --steps 2 --jobs "${FIT_JOBS:-2}" \
             --fit-lengths "${FIT_LENGTHS:-$lengths}" ${FIT_EXPANDABLE:+--expandable} \
@@ -99,6 +99,12 @@ for stage in "$@"; do
     time-offload)  # offloaded checkpoints against the same step without, at 4096 and 16384 tokens (uncapped)
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/offload" --measure time \
             --steps "${TIME_STEPS:-8}" --time-lengths 4096,16384 --variants native+blocks,native+blocks+offload > "$out/time_offload.log" 2>&1
+        ;;
+    time-llama)  # step time, Llama-3.1-8B shape, LoRA r32 on all linear layers, under a TIME_CAP GiB cap
+        python3 benchmarks/long_sequences.py --preset llama-3.1-8b --device cuda:0 --out "$out/${TIME_DIR:-time-llama}" \
+            --measure time --append --lora all-r32 --cap-gib "${TIME_CAP:-12}" --cap-times --steps "${TIME_STEPS:-6}" \
+            --time-lengths "${TIME_LENGTHS:-8192}" --variants "${TIME_VARIANTS:-native+blocks,native+blocks+offload}" \
+            >> "$out/time_llama.log" 2>&1
         ;;
     time)  # step time, Mistral-7B shape, one process per variant: TIME_VARIANTS at TIME_LENGTHS into TIME_DIR
         python3 benchmarks/long_sequences.py --preset mistral-7b --device cuda:0 --out "$out/${TIME_DIR:-time}" \

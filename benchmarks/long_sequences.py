@@ -196,21 +196,29 @@ def _offloaded(model: Any) -> dict | None:
     return done.offload.to_dict() if done is not None and done.offload is not None else None
 
 
-def child_fit(
-    checkpoint: str, variant: str, device: str, seq_len: int, steps: int, cap_bytes: int, lora: str = "qkvo-r16"
-) -> dict:
-    """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
+def _cap(device: str, cap_bytes: int) -> int | None:
+    """Cap this process's allocator at `cap_bytes` where the device is CUDA; the cap in MiB, or None."""
     import torch
 
     from portable_kbit import backends
     from portable_kbit.tools import compare
 
-    record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device, "lora": lora}
     target = backends.resolve(device)
-    if target.device.type == "cuda":
-        total = torch.cuda.get_device_properties(target.device).total_memory
-        compare.cap_memory(target, cap_bytes / total)
-        record["cap_mib"] = cap_bytes // MiB
+    if target.device.type != "cuda":
+        return None
+    compare.cap_memory(target, cap_bytes / torch.cuda.get_device_properties(target.device).total_memory)
+    return cap_bytes // MiB
+
+
+def child_fit(
+    checkpoint: str, variant: str, device: str, seq_len: int, steps: int, cap_bytes: int, lora: str = "qkvo-r16"
+) -> dict:
+    """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
+
+    record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device, "lora": lora}
+    cap_mib = _cap(device, cap_bytes)
+    if cap_mib is not None:
+        record["cap_mib"] = cap_mib
     try:
         model, target, info = load_prepared(checkpoint, variant, device, lora)
         record.update(info)
@@ -229,10 +237,18 @@ def child_fit(
 
 
 def child_time(
-    checkpoint: str, variant: str, device: str, lengths: list[int], steps: int, lora: str = "qkvo-r16"
+    checkpoint: str,
+    variant: str,
+    device: str,
+    lengths: list[int],
+    steps: int,
+    lora: str = "qkvo-r16",
+    cap_bytes: int | None = None,
 ) -> list[dict]:
-    """In this process, uncapped: the step time and losses at each length, from the same starting adapter."""
+    """In this process, uncapped unless `cap_bytes` says (CUDA): the step time and losses at each length, from the
+    same starting adapter."""
     records = []
+    cap_mib = _cap(device, cap_bytes) if cap_bytes else None
     try:
         model, target, info = load_prepared(checkpoint, variant, device, lora)
     except Exception as error:
@@ -250,6 +266,8 @@ def child_time(
             "lora": lora,
             **info,
         }
+        if cap_mib is not None:
+            record["cap_mib"] = cap_mib
         target.backend.reset_peak(target.device)
         try:
             record["losses"], record["seconds"] = train(model, target, steps, seq_len)
@@ -416,6 +434,8 @@ def run_times(
     out = []
     for variant in variants:
         command = _child_command(args, checkpoint, "--child", "time", "--variant", variant, "--seq-lens", lengths)
+        if args.cap_times:
+            command += ["--cap-bytes", str(int(args.cap_gib * GiB))]
         found = child_records(command, {"variant": variant, "phase": "time"}, _env(args.expandable))
         for record in found:
             emit(record)
@@ -546,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", default="fit,time", help="fit, time or both")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cap-gib", type=float, default=8.0, help="allocator cap per fit process (CUDA)")
+    parser.add_argument(
+        "--cap-times", action="store_true", help="time processes run under the same cap (CUDA; default uncapped)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="fit processes at once (each capped; CUDA)")
     parser.add_argument("--fit-start", type=int, default=1024)
     parser.add_argument("--fit-stop", type=int, default=8192)
@@ -569,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq-lens", help=argparse.SUPPRESS)
-    parser.add_argument("--cap-bytes", type=int, default=8 * GiB, help=argparse.SUPPRESS)
+    parser.add_argument("--cap-bytes", type=int, help=argparse.SUPPRESS)  # a fit child's is always given
     args = parser.parse_args(argv)
     if args.coarse % 256:
         parser.error("--coarse must be a multiple of 256")
@@ -585,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child == "time":
         lengths = [int(x) for x in args.seq_lens.split(",")]
-        for record in child_time(args.checkpoint, args.variant, args.device, lengths, args.steps, args.lora):
+        for record in child_time(
+            args.checkpoint, args.variant, args.device, lengths, args.steps, args.lora, args.cap_bytes
+        ):
             print(json.dumps(record), flush=True)
         return 0
     return run(args)
