@@ -17,7 +17,11 @@ on an H100; the CUDA context, a few hundred MiB, is outside the cap).
 A length probe tells "fits" or "does not fit" for that length; the table shows, per configuration, the longest length
 that fitted and the shortest that did not (">= N" where every length tried fitted).
 
-Writes <out>.md (the table) and <out>.png (the longest length per cap and configuration, where matplotlib is
+With --forecasts (the JSON lines of `portable-kbit fit llama-3.1-8b --budget 12GiB --lora-rank 32 --lora-targets
+... --json-out FILE`, one file per cap), a second table puts the forecast beside each measured length: the predicted
+and measured peak allocated, their ratio, and whether the forecast said the length fits.
+
+Writes <out>.md (the tables) and <out>.png (the longest length per cap and configuration, where matplotlib is
 installed).
 """
 
@@ -37,6 +41,7 @@ PUBLISHED = {
     16: {"unsloth": 40724, "hf+fa2": 2551},
 }
 SOURCE = "https://unsloth.ai/blog/llama3-3"
+MiB, GiB = 1 << 20, 1 << 30
 
 
 def read(folders: list[str]) -> dict[int, dict[str, dict]]:
@@ -50,8 +55,10 @@ def read(folders: list[str]) -> dict[int, dict[str, dict]]:
             if record.get("phase") != "fit-length":
                 continue
             key = (round(record.get("cap_mib", 0) / 1024), record["variant"])
-            entry = found.setdefault(key, {"fitted": [], "failed": [], "errors": []})
+            entry = found.setdefault(key, {"fitted": [], "failed": [], "errors": [], "peaks": {}})
             (entry["fitted"] if record.get("fits") else entry["failed"]).append(record["seq_len"])
+            if record.get("fits") and record.get("peak_allocated"):
+                entry["peaks"][record["seq_len"]] = record["peak_allocated"]
             if record.get("error"):
                 entry["errors"].append(record["error"])
         for (cap, variant), entry in found.items():
@@ -85,6 +92,57 @@ def table(results: dict[int, dict[str, dict]]) -> str:
     errors = sorted({e for by in results.values() for entry in by.values() for e in entry["errors"]})
     notes = [f"Published figures: {SOURCE}."] + [f"Error: {e}" for e in errors[:5]]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def read_forecasts(paths: list[str]) -> dict[tuple[int, str], dict]:
+    """(cap GiB, configuration) -> the forecast record of `portable-kbit fit --json-out`."""
+    out = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "forecast" and record.get("budget_bytes"):
+                out[(round(record["budget_bytes"] / GiB), record["mode"])] = record
+    return out
+
+
+def forecast_table(results: dict[int, dict[str, dict]], forecasts: dict[tuple[int, str], dict]) -> str:
+    """Per cap, configuration and measured length: the forecast's peak and verdict beside the measurement."""
+    head = ["cap", "configuration", "forecast: longest", "length", "predicted peak", "measured peak", "ratio"]
+    head += ["forecast says", "measured"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratios, disagreements = [], 0
+    for (cap, mode), record in sorted(forecasts.items()):
+        entry = results.get(cap, {}).get(mode)
+        if not entry:
+            continue
+        predicted = {int(k): v for k, v in record["peak_bytes"].items()}
+        for seq_len in sorted(set(entry["fitted"]) | set(entry["failed"])):
+            if seq_len not in predicted:
+                continue
+            says = predicted[seq_len] <= record["allocatable_bytes"]
+            trained = seq_len in entry["fitted"]
+            disagreements += says != trained
+            measured = entry["peaks"].get(seq_len)
+            ratio = predicted[seq_len] / measured if measured else None
+            if ratio is not None:
+                ratios.append(ratio)
+            longest = record.get("longest_seq_len")
+            row = [f"{cap} GiB", mode, f"{longest:,}" if longest else "none", f"{seq_len:,}"]
+            row += [f"{predicted[seq_len] / MiB:,.0f} MiB", f"{measured / MiB:,.0f} MiB" if measured else "-"]
+            row += [f"{ratio:.3f}" if ratio else "-", "fits" if says else "does not fit"]
+            row += ["trains" if trained else "out of memory"]
+            lines.append("| " + " | ".join(row) + " |")
+    if len(lines) == 2:
+        return ""
+    worst = max((abs(r - 1) for r in ratios), default=None)
+    summary = f"Predicted / measured peak: {len(ratios)} lengths, worst {worst:.1%} off" if ratios else "No peaks"
+    summary += f"; the forecast's verdict disagrees with the measurement at {disagreements} length(s)."
+    note = (
+        "The forecast's verdict compares the predicted peak with the budget's allocatable part "
+        "(`Backend.allocatable_fraction`: 0.90 of the cap on CUDA); the measured peak is the largest of the "
+        "length's steps (docs/will-it-fit.md)."
+    )
+    return "\n".join(lines) + "\n\n" + summary + " " + note + "\n"
 
 
 def plot(results: dict[int, dict[str, dict]], path: Path) -> str | None:
@@ -121,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="long_sequences.py --out folders, oldest first (a later one replaces what it remeasured)",
     )
+    parser.add_argument("--forecasts", nargs="*", default=[], help="`portable-kbit fit --json-out` files")
     parser.add_argument("--out", required=True, help="path without suffix: writes .md and .png")
     args = parser.parse_args(argv)
     results = read(args.folders)
     text = table(results)
+    if args.forecasts:
+        text += "\n## Forecasts beside the measurements\n\n" + forecast_table(results, read_forecasts(args.forecasts))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)

@@ -82,15 +82,20 @@ def test_table_keeps_failures_without_a_length(bench):
     assert "| mixed |" in text and "RuntimeError: no device" in text
 
 
+def _consumer_gpus():
+    spec = importlib.util.spec_from_file_location("consumer_gpus", PATH.parent / "consumer_gpus.py")
+    assert spec is not None and spec.loader is not None
+    consumer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(consumer)
+    return consumer
+
+
 def test_consumer_table_takes_a_remeasured_configuration_from_the_later_folder(tmp_path):
     """benchmarks/consumer_gpus.py: a configuration measured again in a later folder replaces the earlier record;
     the others stay."""
     import json
 
-    spec = importlib.util.spec_from_file_location("consumer_gpus", PATH.parent / "consumer_gpus.py")
-    assert spec is not None and spec.loader is not None
-    consumer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(consumer)
+    consumer = _consumer_gpus()
 
     def folder(name: str, records: list[tuple[str, int, bool]]) -> str:
         path = tmp_path / name
@@ -107,3 +112,39 @@ def test_consumer_table_takes_a_remeasured_configuration_from_the_later_folder(t
     assert consumer.cell(results[12]["native"]) == ">= 21,848"
     assert consumer.cell(results[12]["fp32"]) == "21,848 (32,768 does not)"
     assert consumer.cell(consumer.read([new, old])[12]["native"]) == "< 21,848"
+
+
+def test_consumer_forecast_table_sets_each_prediction_beside_its_measurement(tmp_path):
+    """benchmarks/consumer_gpus.py --forecasts: per measured length the predicted and measured peaks, their ratio,
+    and a disagreement counted where the forecast's verdict and the measurement differ."""
+    import json
+
+    consumer = _consumer_gpus()
+    mib = 1 << 20
+    fits = [
+        {
+            "phase": "fit-length",
+            "variant": "native",
+            "seq_len": 1000,
+            "fits": True,
+            "cap_mib": 12288,
+            "peak_allocated": 8000 * mib,
+        },
+        {"phase": "fit-length", "variant": "native", "seq_len": 2000, "fits": False, "cap_mib": 12288},
+    ]
+    (tmp_path / "long_fit.jsonl").write_text("\n".join(json.dumps(r) for r in fits) + "\n")
+    forecast = {
+        "kind": "forecast",
+        "mode": "native",
+        "budget_bytes": 12 << 30,
+        "allocatable_bytes": 10000 * mib,
+        "peak_bytes": {"1000": 8800 * mib, "2000": 9000 * mib},
+        "longest_seq_len": 3000,
+    }
+    (tmp_path / "forecast.jsonl").write_text(json.dumps(forecast) + "\n")
+    text = consumer.forecast_table(
+        consumer.read([str(tmp_path)]), consumer.read_forecasts([str(tmp_path / "forecast.jsonl")])
+    )
+    assert "| 12 GiB | native | 3,000 | 1,000 | 8,800 MiB | 8,000 MiB | 1.100 | fits | trains |" in text
+    assert "| 12 GiB | native | 3,000 | 2,000 | 9,000 MiB | - | - | fits | out of memory |" in text
+    assert "1 lengths, worst 10.0% off" in text and "disagrees with the measurement at 1 length(s)" in text
