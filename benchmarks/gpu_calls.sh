@@ -10,7 +10,8 @@
 #   "+tiledmlp") and the 16 GiB fits at 40,724; then alone the profile of a 4096-token step (native, with token
 #   blocks, with the hidden width's MLP blocks) and the step with and without offloaded checkpoints.
 # run 8: in parallel (none is a timing) peft's column under 8, 12 and 16 GiB, the 8 GiB row of ours, the 1.5x aim
-#   in native under 12 GiB (32,768), `portable-kbit fit`'s forecasts of the same configurations, then the 40-step
+#   in native under 12 GiB (32,768), native + blocks without offload under 12 GiB at 12,288 and 16,384 (the length
+#   run 9 times offload at), `portable-kbit fit`'s forecasts of the same configurations, then the 40-step
 #   curves of the progressions task (peft, fp32, mixed, native; 3 seeds).
 # run 9: alone, one process at a time: the 4096-token step of fp32, layer and mixed with and without token blocks
 #   (the MLP rule of a693a79), the Llama-3.1-8B step at 8192 tokens under 12 GiB with and without offloaded
@@ -43,22 +44,23 @@ case "$CALL" in
     ;;
 8)
     $B "$O" install preset-llama
-    (export FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_JOBS=2
-        FIT_LENGTHS=512,1024,2048 $B "$O" consumer-fit-8; FIT_LENGTHS=1024,2048,3072 $B "$O" consumer-fit-12
-        FIT_LENGTHS=2048,3072,4096 $B "$O" consumer-fit-16
+    (export FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_JOBS=3
+        FIT_LENGTHS=1024,2048,3072 $B "$O" consumer-fit-12; FIT_JOBS=2 FIT_LENGTHS=2048,3072 $B "$O" consumer-fit-16
         FIT_SUFFIX= FIT_VARIANTS= FIT_LENGTHS=2972,4096,6144 $B "$O" consumer-fit-8
+        FIT_LENGTHS=512,1024,2048 $B "$O" consumer-fit-8
+        FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288,16384 FIT_JOBS=2 $B "$O" consumer-fit-12
         FIT_SUFFIX=-aim FIT_VARIANTS=native+blocks+offload FIT_LENGTHS=32768 FIT_JOBS=1 $B "$O" consumer-fit-12) & PS=$!
     (for cap in 8 12 16; do
         case $cap in 8) lengths=2048,2972,4096,6144 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
         python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
             --activations native+blocks+offload,fp32+blocks+offload \
             --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1
-    done; $B "$O" preset
-    python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 --seq-len 256 \
+    done) & PS="$PS $!"
+    ($B "$O" preset; python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 --seq-len 256 \
         --seeds 1,2,3 --jobs 3 --variants peft,ours-fp32,ours-mixed,ours-native --out "$O/curves-progressions" \
         > "$O/curves_progressions.log" 2>&1) & PS="$PS $!"
     wait_until 10
-    for d in fit8-peft fit12-peft fit16-peft fit8 fit12-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
+    for d in fit8-peft fit12-peft fit16-peft fit8 fit12-nooffload fit12-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 12 "$O"/fit-forecast-*.log; grep -h "gap to peft" "$O/curves_progressions.log"
     ;;
 9)
