@@ -14,9 +14,9 @@
 #   run 9 times offload at), `portable-kbit fit`'s forecasts of the same configurations, then the 40-step
 #   curves of the progressions task (peft, fp32, mixed, native; 3 seeds).
 # run 9: alone, one process at a time: the 4096-token step of fp32, layer and mixed with and without token blocks
-#   (the MLP rule of a693a79), the Llama-3.1-8B step at 8192 tokens under 12 GiB with and without offloaded
-#   checkpoints (the longest that fits without), one attention call per path (attention_blocks.py) and the MPS
-#   stand-in step at 8192 tokens.
+#   (the MLP rule of a693a79), the MPS stand-in step at 8192 tokens, the Llama-3.1-8B step under 12 GiB with and
+#   without offloaded checkpoints at the longest length that fits without (12,288 if it trains, else 8192), and one
+#   attention call per path (attention_blocks.py).
 B=benchmarks/gpu_run.sh; CALL=${CALL:-7}; O=/tmp/r$CALL; mkdir -p "$O"; S=$SECONDS; END=${END:-580}
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
 (while sleep 20; do tar czf "$OUT/.run.tgz" -C /tmp "r$CALL" 2>/dev/null && mv "$OUT/.run.tgz" "$OUT/run$CALL.tgz"; done) & A=$!
@@ -65,12 +65,15 @@ case "$CALL" in
     ;;
 9)
     $B "$O" install preset preset-llama
-    TIME_STEPS=6 TIME_DIR=modes TIME_VARIANTS=fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks \
-        timeout $(($(left)-280)) $B "$O" time
-    timeout $(($(left)-150)) $B "$O" time-llama
-    timeout 30 $B "$O" attention-blocks
-    timeout $(left) $B "$O" standin
-    cat "$O"/modes/long_sequences.md "$O"/time-llama/long_sequences.md; cat "$O"/mps_standin_step.jsonl | cut -c1-400
+    TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks \
+        timeout $(($(left)-330)) $B "$O" time
+    timeout $(($(left)-190)) $B "$O" standin
+    # the longest length that trains without offload under 12 GiB (12,288 ran out before the shared adapter casts)
+    FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288 FIT_JOBS=1 timeout 90 $B "$O" consumer-fit-12
+    n=8192; grep -q '"fits": true' "$O/fit12-nooffload/long_fit.jsonl" 2>/dev/null && n=12288
+    TIME_LENGTHS=$n timeout $(($(left)-25)) $B "$O" time-llama
+    timeout $(left) $B "$O" attention-blocks
+    cat "$O"/modes/long_sequences.md "$O"/time-llama/long_sequences.md; cut -c1-400 "$O"/mps_standin_step.jsonl
     cut -c1-300 "$O"/attention_blocks.jsonl
     ;;
 esac
