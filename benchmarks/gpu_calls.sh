@@ -65,7 +65,7 @@ case "$CALL" in
     ;;
 9)  # SHORT=1 (a call of END < 560 s): fp32 and mixed only, the offload step at 8192 without the fit, no attention calls
     $B "$O" install preset preset-llama
-    modes=fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks; [ "${SHORT:-0}" = 1 ] && modes=fp32,fp32+blocks,mixed,mixed+blocks
+    modes=${MODES:-fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks}; [ "${SHORT:-0}" = 1 ] && modes=fp32,fp32+blocks,mixed,mixed+blocks
     TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=$modes timeout $(($(left)-${MODES_LEAVE:-330})) $B "$O" time
     timeout $(($(left)-${STANDIN_LEAVE:-190})) $B "$O" standin
     n=8192
