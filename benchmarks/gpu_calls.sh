@@ -63,18 +63,18 @@ case "$CALL" in
     for d in fit8-peft fit12-peft fit16-peft fit8 fit12-nooffload fit12-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 12 "$O"/fit-forecast-*.log; grep -h "gap to peft" "$O/curves_progressions.log"
     ;;
-9)  # SHORT=1 (a call of END < 560 s): fp32 and mixed only, the offload step at 8192 without the fit, no attention calls
-    $B "$O" install preset preset-llama
-    modes=${MODES:-fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks}; [ "${SHORT:-0}" = 1 ] && modes=fp32,fp32+blocks,mixed,mixed+blocks
-    TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=$modes timeout $(($(left)-${MODES_LEAVE:-330})) $B "$O" time
+9)  # SHORT=1 (a call of END < 560 s): the 4096-token modes and the stand-in only (no Llama preset, offload, attention)
+    if [ "${SHORT:-0}" = 1 ]; then $B "$O" install preset; else $B "$O" install preset preset-llama; fi
+    TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=${MODES:-fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks} \
+        timeout $(($(left)-${MODES_LEAVE:-330})) $B "$O" time
     timeout $(($(left)-${STANDIN_LEAVE:-190})) $B "$O" standin
-    n=8192
-    if [ "${SHORT:-0}" != 1 ]; then  # the longest length without offload under 12 GiB (12,288 ran out before shared casts)
+    if [ "${SHORT:-0}" != 1 ]; then
+        # the longest length without offload under 12 GiB (12,288 ran out before the shared adapter casts)
         FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288 FIT_JOBS=1 timeout 90 $B "$O" consumer-fit-12
-        grep -q '"fits": true' "$O/fit12-nooffload/long_fit.jsonl" 2>/dev/null && n=12288
+        n=8192; grep -q '"fits": true' "$O/fit12-nooffload/long_fit.jsonl" 2>/dev/null && n=12288
+        TIME_LENGTHS=$n timeout $(($(left)-25)) $B "$O" time-llama
+        timeout $(left) $B "$O" attention-blocks
     fi
-    TIME_LENGTHS=$n timeout $(($(left)-25)) $B "$O" time-llama
-    [ "${SHORT:-0}" != 1 ] && timeout $(left) $B "$O" attention-blocks
     cat "$O"/modes/long_sequences.md "$O"/time-llama/long_sequences.md; cut -c1-400 "$O"/mps_standin_step.jsonl
     cut -c1-300 "$O"/attention_blocks.jsonl
     ;;
