@@ -65,7 +65,7 @@ case "$CALL" in
     ;;
 9)  # SHORT=1 (a call of END < 560 s): the 4096-token modes and the stand-in only (no Llama preset, offload, attention)
     if [ "${SHORT:-0}" = 1 ]; then $B "$O" install preset; else $B "$O" install preset preset-llama; fi
-    TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=${MODES:-fp32,fp32+blocks,layer,layer+blocks,mixed,mixed+blocks} \
+    TIME_STEPS=5 TIME_DIR=modes TIME_VARIANTS=${MODES:-fp32,fp32+blocks,mixed,mixed+blocks,layer,layer+blocks} \
         timeout $(($(left)-${MODES_LEAVE:-330})) $B "$O" time
     timeout $(($(left)-${STANDIN_LEAVE:-190})) $B "$O" standin
     if [ "${SHORT:-0}" != 1 ]; then

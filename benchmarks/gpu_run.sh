@@ -71,6 +71,7 @@ for stage in "$@"; do
         ;;
     standin)  # a Mistral-7B training step at 8192 tokens with the MPS attention decisions: fused, math, query blocks
         python3 benchmarks/mps_standin_step.py --preset mistral-7b --device cuda --lengths 8192 --steps 2 \
+            --paths "${STANDIN_PATHS:-fused,query-blocks,math}" \
             --out "$out" > "$out/standin.log" 2>&1
         ;;
     consumer-fit-8|consumer-fit-12|consumer-fit-16)  # Llama-3.1-8B, LoRA r32 on all linear layers, unsloth's lengths
