@@ -107,6 +107,8 @@ def read_forecasts(paths: list[str]) -> dict[tuple[int, str], dict]:
 
 def forecast_table(results: dict[int, dict[str, dict]], forecasts: dict[tuple[int, str], dict]) -> str:
     """Per cap, configuration and measured length: the forecast's peak and verdict beside the measurement."""
+    from portable_kbit.tools.fit import allocatable
+
     head = ["cap", "configuration", "forecast: longest", "length", "predicted peak", "measured peak", "ratio"]
     head += ["forecast says", "measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -119,7 +121,7 @@ def forecast_table(results: dict[int, dict[str, dict]], forecasts: dict[tuple[in
         for seq_len in sorted(set(entry["fitted"]) | set(entry["failed"])):
             if seq_len not in predicted:
                 continue
-            says = predicted[seq_len] <= record["allocatable_bytes"]
+            says = predicted[seq_len] <= allocatable(record)
             trained = seq_len in entry["fitted"]
             disagreements += says != trained
             measured = entry["peaks"].get(seq_len)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0; benchmarks/results/h100/run7), run 8 is next.
+# The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
+# benchmarks/results/h100/run7 and run9); run 8 and run 9 in full are next.
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -10,12 +11,11 @@
 #   "+tiledmlp") and the 16 GiB fits at 40,724; then alone the profile of a 4096-token step (native, with token
 #   blocks, with the hidden width's MLP blocks) and the step with and without offloaded checkpoints.
 # run 8: in parallel (none is a timing) peft's column under 8, 12 and 16 GiB, the 8 GiB row of ours, the 1.5x aim
-#   in native under 12 GiB (32,768), native + blocks without offload under 12 GiB at 12,288 and 16,384 (the length
-#   run 9 times offload at), `portable-kbit fit`'s forecasts of the same configurations, then the 40-step
+#   in native under 12 GiB (32,768), `portable-kbit fit`'s forecasts of the same configurations, then the 40-step
 #   curves of the progressions task (peft, fp32, mixed, native; 3 seeds).
 # run 9: alone, one process at a time: the 4096-token step of fp32, layer and mixed with and without token blocks
 #   (the MLP rule of a693a79), the MPS stand-in step at 8192 tokens, the Llama-3.1-8B step under 12 GiB with and
-#   without offloaded checkpoints at the longest length that fits without (12,288 if it trains, else 8192), and one
+#   without offloaded checkpoints at the longest length that fits without (of 8192, 12,288, 16,384), and one
 #   attention call per path (attention_blocks.py).
 B=benchmarks/gpu_run.sh; CALL=${CALL:-7}; O=/tmp/r$CALL; mkdir -p "$O"; S=$SECONDS; END=${END:-580}
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
@@ -48,7 +48,6 @@ case "$CALL" in
         FIT_LENGTHS=1024,2048,3072 $B "$O" consumer-fit-12; FIT_JOBS=2 FIT_LENGTHS=2048,3072 $B "$O" consumer-fit-16
         FIT_SUFFIX= FIT_VARIANTS= FIT_LENGTHS=2972,4096,6144 $B "$O" consumer-fit-8
         FIT_LENGTHS=512,1024,2048 $B "$O" consumer-fit-8
-        FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288,16384 FIT_JOBS=2 $B "$O" consumer-fit-12
         FIT_SUFFIX=-aim FIT_VARIANTS=native+blocks+offload FIT_LENGTHS=32768 FIT_JOBS=1 $B "$O" consumer-fit-12) & PS=$!
     (for cap in 8 12 16; do
         case $cap in 8) lengths=2048,2972,4096,6144 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
@@ -60,7 +59,7 @@ case "$CALL" in
         --seeds 1,2,3 --jobs 3 --variants peft,ours-fp32,ours-mixed,ours-native --out "$O/curves-progressions" \
         > "$O/curves_progressions.log" 2>&1) & PS="$PS $!"
     wait_until 10
-    for d in fit8-peft fit12-peft fit16-peft fit8 fit12-nooffload fit12-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
+    for d in fit8-peft fit12-peft fit16-peft fit8 fit12-aim; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 12 "$O"/fit-forecast-*.log; grep -h "gap to peft" "$O/curves_progressions.log"
     ;;
 9)  # SHORT=1 (a call of END < 560 s): the 4096-token modes and the stand-in only (no Llama preset, offload, attention)
@@ -69,9 +68,11 @@ case "$CALL" in
         timeout $(($(left)-${MODES_LEAVE:-330})) $B "$O" time
     timeout $(($(left)-${STANDIN_LEAVE:-190})) $B "$O" standin
     if [ "${SHORT:-0}" != 1 ]; then
-        # the longest length without offload under 12 GiB (12,288 ran out before the shared adapter casts)
-        FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288 FIT_JOBS=1 timeout 90 $B "$O" consumer-fit-12
-        n=8192; grep -q '"fits": true' "$O/fit12-nooffload/long_fit.jsonl" 2>/dev/null && n=12288
+        # the longest length without offload under 12 GiB (8192 trained, 12,288 ran out before the shared adapter casts)
+        FIT_SUFFIX=-nooffload FIT_VARIANTS=native+blocks FIT_LENGTHS=12288,16384 FIT_JOBS=2 timeout 90 $B "$O" consumer-fit-12
+        n=8192; for m in 12288 16384; do
+            grep '"fits": true' "$O/fit12-nooffload/long_fit.jsonl" 2>/dev/null | grep -q "\"seq_len\": $m," && n=$m
+        done
         TIME_LENGTHS=$n timeout $(($(left)-25)) $B "$O" time-llama
         timeout $(left) $B "$O" attention-blocks
     fi

@@ -214,7 +214,6 @@ def child_fit(
     checkpoint: str, variant: str, device: str, seq_len: int, steps: int, cap_bytes: int, lora: str = "qkvo-r16"
 ) -> dict:
     """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
-
     record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device, "lora": lora}
     cap_mib = _cap(device, cap_bytes)
     if cap_mib is not None:
