@@ -45,24 +45,27 @@ MiB, GiB = 1 << 20, 1 << 30
 
 
 def read(folders: list[str]) -> dict[int, dict[str, dict]]:
-    """cap GiB -> configuration -> {"fitted": [lengths], "failed": [lengths], "errors": [...]}. A configuration and
-    cap measured again in a later folder (newer code) replaces the earlier folder's record of it."""
-    out: dict[int, dict[str, dict]] = {}
+    """cap GiB -> configuration -> {"fitted": [lengths], "failed": [lengths], "errors": [...], "peaks": {}}. A length
+    measured again in a later folder (newer code, or a harness fixed) replaces the earlier folder's verdict on that
+    length; the other lengths of the earlier folder stay."""
+    by_length: dict[tuple[int, str], dict[int, dict]] = {}
     for folder in folders:
-        found: dict[tuple[int, str], dict] = {}
         for line in (Path(folder) / "long_fit.jsonl").read_text().splitlines():
             record = json.loads(line)
             if record.get("phase") != "fit-length":
                 continue
             key = (round(record.get("cap_mib", 0) / 1024), record["variant"])
-            entry = found.setdefault(key, {"fitted": [], "failed": [], "errors": [], "peaks": {}})
-            (entry["fitted"] if record.get("fits") else entry["failed"]).append(record["seq_len"])
+            by_length.setdefault(key, {})[record["seq_len"]] = record
+    out: dict[int, dict[str, dict]] = {}
+    for (cap, variant), records in by_length.items():
+        entry: dict = {"fitted": [], "failed": [], "errors": [], "peaks": {}}
+        for seq_len, record in sorted(records.items()):
+            (entry["fitted"] if record.get("fits") else entry["failed"]).append(seq_len)
             if record.get("fits") and record.get("peak_allocated"):
-                entry["peaks"][record["seq_len"]] = record["peak_allocated"]
+                entry["peaks"][seq_len] = record["peak_allocated"]
             if record.get("error"):
                 entry["errors"].append(record["error"])
-        for (cap, variant), entry in found.items():
-            out.setdefault(cap, {})[variant] = entry
+        out.setdefault(cap, {})[variant] = entry
     return out
 
 
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "folders",
         nargs="+",
-        help="long_sequences.py --out folders, oldest first (a later one replaces what it remeasured)",
+        help="long_sequences.py --out folders, oldest first (a later one replaces the lengths it remeasured)",
     )
     parser.add_argument("--forecasts", nargs="*", default=[], help="`portable-kbit fit --json-out` files")
     parser.add_argument("--out", required=True, help="path without suffix: writes .md and .png")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
-# benchmarks/results/h100/run7 and run9); run 8 and run 9 in full are next.
+# benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10.
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -78,6 +78,22 @@ case "$CALL" in
     fi
     cat "$O"/modes/long_sequences.md "$O"/time-llama/long_sequences.md; cut -c1-400 "$O"/mps_standin_step.jsonl
     cut -c1-300 "$O"/attention_blocks.jsonl
+    ;;
+10) # the forecasts again, now that the fake step sees offloaded inputs leave the device (caps 8, 12, 16 in
+    # parallel), beside the 8 GiB row's short lengths and peft under 8 GiB (its run 8 record lost to a harness bug)
+    $B "$O" install preset-llama
+    for cap in 8 12 16; do
+        case $cap in 8) lengths=512,1024,2048,2972 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
+        python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
+            --activations native+blocks+offload,fp32+blocks+offload \
+            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1 &
+        PS="$PS $!"
+    done
+    (FIT_SUFFIX=-short FIT_LENGTHS=512,1024,2048 FIT_JOBS=2 $B "$O" consumer-fit-8
+        FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_LENGTHS=512 FIT_JOBS=1 $B "$O" consumer-fit-8) & PS="$PS $!"
+    wait_until 10
+    for d in fit8-short fit8-peft; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
+    tail -n 6 "$O"/fit-forecast-*.log
     ;;
 esac
 kill $M $A

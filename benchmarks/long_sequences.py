@@ -218,6 +218,9 @@ def child_fit(
     cap_mib = _cap(device, cap_bytes)
     if cap_mib is not None:
         record["cap_mib"] = cap_mib
+    from portable_kbit import backends
+
+    target = backends.resolve(device)  # the peaks are read even where loading itself runs out of memory
     try:
         model, target, info = load_prepared(checkpoint, variant, device, lora)
         record.update(info)

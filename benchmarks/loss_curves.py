@@ -22,9 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing it (run 8 lost its curves to that)
 
 VARIANTS = ("peft", "ours-fp32", "ours-mixed", "ours-layer", "ours-native")
 

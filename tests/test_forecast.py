@@ -16,6 +16,7 @@ import re
 import model_state
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 
 import portable_kbit
@@ -30,10 +31,15 @@ TARGETS = tiny.LORA_TARGETS["llama"]
 CHECKPOINTING = {"use_reentrant": False}
 
 
-def trainable_model(path: str, activations: str = "fp32", quantizer: str = "bnb-nf4", rank: int = 8):
+def trainable_model(path: str, activations: str = "fp32", quantizer: str = "bnb-nf4", rank: int = 8, **options):
     model = tiny.load(path, quantizer, "cpu")
     model = portable_kbit.prepare(
-        model, "cpu", target_modules=TARGETS, activations=activations, gradient_checkpointing_kwargs=CHECKPOINTING
+        model,
+        "cpu",
+        target_modules=TARGETS,
+        activations=activations,
+        gradient_checkpointing_kwargs=CHECKPOINTING,
+        **options,
     )
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0))
 
@@ -45,7 +51,7 @@ def measured(model, seq_len: int) -> int:
 
 @pytest.fixture(scope="module")
 def four_layers():
-    """A tiny Llama with 4 identical layers: the fake step samples 1 and 2 of them and extrapolates."""
+    """A tiny Llama with 4 identical layers: the fake step samples 2 and 3 of them and extrapolates."""
     return tiny.checkpoint("llama", layers=4)
 
 
@@ -127,6 +133,49 @@ def test_fake_step_with_sampled_layers_equals_all_layers(four_layers):
     assert sampled.sample is not None and every.sample is None
     assert sampled.peak(96) == every.peak(96)
     assert sampled.static_bytes == every.static_bytes
+
+
+def test_fake_step_sees_offloaded_inputs_leave_the_device(monkeypatch):
+    """With offloaded checkpoints the layer inputs leave the device, and the backward holds one prefetched input more,
+    once per step, not per layer: the sampled layers must not read it as a per-layer cost (run 10 on the H100 did
+    with 1 and 2 layers sampled). A CPU stand-in for a device with memory of its own whose "host" is the meta device,
+    so that the copies are not counted where the layers run, as on a GPU."""
+    from portable_kbit.backends.cpu import CpuBackend
+    from portable_kbit.patches import offload as offload_module
+
+    monkeypatch.setattr(CpuBackend, "why_no_offload", lambda self, device: None)
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    peaks = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        portable_kbit.prepare(
+            model,
+            "cpu",
+            target_modules=["q_proj"],
+            gradient_checkpointing_kwargs=CHECKPOINTING,
+            offload_checkpoints=offload,
+        )
+        if offload:
+            portable_kbit.report(model).offload.host_device = torch.device("meta")
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+        sampled = forecasting.FakeSteps(model, torch.device("cpu"), 1, 3)
+        every = forecasting.FakeSteps(model, torch.device("cpu"), 1, 3, sample_layers=False)
+        assert sampled.sample is not None
+        peaks[offload] = (sampled.peak(2048), every.peak(2048))
+    assert peaks[True][0] == pytest.approx(peaks[True][1], rel=0.02), peaks
+    assert peaks[False][0] == peaks[False][1]
+    inputs = 8 * 2048 * 256 * 4  # eight fp32 layer inputs of 2048 tokens
+    assert peaks[False][1] - peaks[True][1] >= inputs // 2, peaks
 
 
 def test_without_calibration_nothing_runs_for_real(monkeypatch):

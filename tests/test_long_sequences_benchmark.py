@@ -90,9 +90,9 @@ def _consumer_gpus():
     return consumer
 
 
-def test_consumer_table_takes_a_remeasured_configuration_from_the_later_folder(tmp_path):
-    """benchmarks/consumer_gpus.py: a configuration measured again in a later folder replaces the earlier record;
-    the others stay."""
+def test_consumer_table_takes_a_remeasured_length_from_the_later_folder(tmp_path):
+    """benchmarks/consumer_gpus.py: a length measured again in a later folder replaces the earlier verdict on it; the
+    other lengths and configurations stay (run 10 measured shorter lengths under 8 GiB beside run 8's)."""
     import json
 
     consumer = _consumer_gpus()
@@ -107,10 +107,11 @@ def test_consumer_table_takes_a_remeasured_configuration_from_the_later_folder(t
         return str(path)
 
     old = folder("old", [("native", 21848, False), ("fp32", 21848, True), ("fp32", 32768, False)])
-    new = folder("new", [("native", 21848, True)])
+    new = folder("new", [("native", 21848, True), ("fp32", 16384, True)])
     results = consumer.read([old, new])
     assert consumer.cell(results[12]["native"]) == ">= 21,848"
     assert consumer.cell(results[12]["fp32"]) == "21,848 (32,768 does not)"
+    assert results[12]["fp32"]["fitted"] == [16384, 21848]
     assert consumer.cell(consumer.read([new, old])[12]["native"]) == "< 21,848"
 
 

@@ -111,6 +111,23 @@ def test_small_tensors_and_parameters_stay_on_the_device():
     assert torch.equal(offload.unpack(packed), big) and offload.offloaded == 1
 
 
+def test_the_forecasts_fake_step_runs_the_hooks_without_counting():
+    """Under FakeTensorMode (memory/forecast.py's fake step) a saved input leaves as a fake host copy and comes back
+    as a fake device tensor, so the forecast sees it leave the device; the report counts real steps only."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    offload = CheckpointOffload(torch.device("cpu"), min_bytes=0)
+    with FakeTensorMode():
+        first, second = torch.zeros(1 << 19), torch.ones(1 << 19)
+        packed = [offload.pack(first), offload.pack(second)]
+        assert all(p is not t for p, t in zip(packed, (first, second), strict=True))
+        back = offload.unpack(packed[1])  # the later layer first, as a backward does: the one before is prefetched
+        assert isinstance(back, FakeTensor) and back.shape == second.shape
+        assert isinstance(packed[0].loaded, FakeTensor)
+        assert offload.unpack(packed[0]) is packed[0].loaded
+    assert offload.offloaded == 0 and offload.host_bytes == 0 and offload.peak_host_bytes == 0
+
+
 def test_refused_before_any_change_where_it_cannot_help():
     model = llama()
     before = model_state.take(model)

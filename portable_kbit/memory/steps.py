@@ -3,7 +3,7 @@ op by op) or real (the allocator's peak): forward with labels, backward, an Adam
 
 The fake steps run a sample of the decoder layers where they are identical: a step's peak is affine in the number of
 identical layers (each adds its weights, its saved input or activations, its adapters' gradients and optimizer state
-at the same rate), so steps with `period` and 2 x `period` layers give it for all of them.
+at the same rate), so steps with 2 and 3 x `period` layers give it for all of them (from 2 on: see SAMPLED_PERIODS).
 """
 
 from __future__ import annotations
@@ -129,6 +129,11 @@ def _layer_signature(layer: nn.Module) -> tuple:
     return type(layer), params, tuple(type(m) for m in layer.modules())
 
 
+#: the fake step runs 2 and 3 periods of a layer stack and extrapolates: what a step holds once, not per layer, is in
+#: both samples from 2 on (offload's prefetch of the layer before; with 1 and 2 it read as a per-layer cost, run 10)
+SAMPLED_PERIODS = (2, 3)
+
+
 def repeated_layers(model: nn.Module) -> tuple[DecoderLayers, int] | None:
     """The decoder layers and their period (config.layer_types' repeat), where they are config.num_hidden_layers
     identical layers (same class, same parameter shapes and dtypes) and sampling them saves work; None otherwise
@@ -142,15 +147,15 @@ def repeated_layers(model: nn.Module) -> tuple[DecoderLayers, int] | None:
     if len(stack.first_of_each_kind(_layer_signature)) != 1:
         return None
     period = stack.period(config)
-    return (stack, period) if count > 2 * period else None
+    return (stack, period) if count > SAMPLED_PERIODS[1] * period else None
 
 
 class FakeSteps:
     """Fake training steps of one model on one device, memoised per length: peak bytes of live tensors.
 
-    With `sample_layers` (default) a stack of identical decoder layers runs with `period` and 2 x `period` of its
-    layers and the peak is extrapolated to all of them (exact when the layers are identical; a 7B model's step
-    costs a few layers' worth of Python instead of 32).
+    With `sample_layers` (default) a stack of identical decoder layers runs with 2 and 3 x `period` of its layers
+    and the peak is extrapolated to all of them (exact when the layers are identical; a 7B model's step costs a few
+    layers' worth of Python instead of 32).
     """
 
     def __init__(
@@ -177,7 +182,7 @@ class FakeSteps:
             self.static_bytes = static
             return peak, phase
         stack, period = sample
-        few, more = period, 2 * period
+        few, more = SAMPLED_PERIODS[0] * period, SAMPLED_PERIODS[1] * period
         with stack.only(list(stack.layers)[:few]):
             peak_few, static_few, _ = self._run(seq_len)
         with stack.only(list(stack.layers)[:more]):

@@ -10,6 +10,10 @@ only, ``torch.autograd.graph.saved_tensors_hooks`` hands them to ``CheckpointOff
 checkpoint's own hooks stay innermost: nothing else is moved. Tensors smaller than ``min_bytes``, on another device,
 or that would leave the host with less than ``host_margin_bytes`` available stay where they are, counted with the
 reason.
+
+Under the memory forecast's fake step (``FakeTensorMode``) the same hooks run with fake twins: the "host copy" is a
+fake CPU tensor and the copy back a fake device tensor, prefetch included, with no stream, no pinning and nothing
+counted, so that the forecast sees what the real step keeps on the device.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import psutil
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..memory.livebytes import is_fake
+
 #: a saved tensor smaller than this stays on the device: a copy of it would cost more than the memory it frees
 MIN_OFFLOAD_BYTES = 1 << 20
 
@@ -30,10 +36,11 @@ MIN_OFFLOAD_BYTES = 1 << 20
 class _Saved:
     """One tensor kept on the host: its copy, the event that says the copy is done, and a prefetched device copy."""
 
-    __slots__ = ("__weakref__", "device", "host", "loaded", "loaded_event", "nbytes", "previous", "ready")
+    __slots__ = ("__weakref__", "device", "fake", "host", "loaded", "loaded_event", "nbytes", "previous", "ready")
 
     def __init__(self, host: torch.Tensor, device: torch.device, ready: Any, previous: _Saved | None) -> None:
         self.host, self.device, self.ready = host, device, ready
+        self.fake = is_fake(host)  # the forecast's fake step: no stream, nothing counted
         self.nbytes = host.numel() * host.element_size()
         self.loaded: torch.Tensor | None = None
         self.loaded_event: Any = None
@@ -56,6 +63,7 @@ class CheckpointOffload:
         host_margin_bytes: int = 2 << 30,
     ) -> None:
         self.device, self.stream, self.pin = device, stream, pin
+        self.host_device = torch.device("cpu")  # where the copies go (a CPU stand-in's fake step may name "meta")
         self.min_bytes = MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
         self.host_margin_bytes = host_margin_bytes
         self.offloaded = 0
@@ -75,9 +83,10 @@ class CheckpointOffload:
         saved = self._by_tensor.get(tensor)
         if saved is not None:
             return saved
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin)
+        fake = is_fake(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin and not fake)
         ready = None
-        if self.stream is not None:
+        if self.stream is not None and not fake:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(tensor, non_blocking=True)
@@ -89,6 +98,8 @@ class CheckpointOffload:
         saved = _Saved(host, self.device, ready, previous)
         self._by_tensor[tensor] = saved
         self._last = weakref.ref(saved)
+        if fake:  # not offloaded for real: the report counts the real steps only
+            return saved
         self.offloaded += 1
         self.host_bytes += saved.nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
@@ -100,7 +111,7 @@ class CheckpointOffload:
             return packed
         tensor = self._on_device(packed)
         previous = packed.previous() if packed.previous is not None else None
-        if previous is not None and previous.loaded is None and self.stream is not None:
+        if previous is not None and previous.loaded is None and (self.stream is not None or previous.fake):
             self._prefetch(previous)
         return tensor
 
@@ -109,7 +120,7 @@ class CheckpointOffload:
     def _why_kept(self, tensor: torch.Tensor) -> str | None:
         if tensor.device != self.device and not (tensor.device.type == self.device.type and self.device.index is None):
             return "on another device"
-        if isinstance(tensor, torch.nn.Parameter) or type(tensor) is not torch.Tensor:
+        if isinstance(tensor, torch.nn.Parameter) or not (type(tensor) is torch.Tensor or is_fake(tensor)):
             return "a parameter or a tensor subclass"
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes < self.min_bytes:
@@ -123,6 +134,9 @@ class CheckpointOffload:
 
     def _prefetch(self, saved: _Saved) -> None:
         """Start copying `saved` back on the side stream, to overlap with the recompute of the layer after it."""
+        if saved.fake:  # what the copy holds on the device, for the forecast to count
+            saved.loaded = saved.host.to(saved.device)
+            return
         assert self.stream is not None
         if saved.ready is not None:
             self.stream.wait_event(saved.ready)
@@ -131,6 +145,8 @@ class CheckpointOffload:
             saved.loaded_event = self.stream.record_event()
 
     def _on_device(self, saved: _Saved) -> torch.Tensor:
+        if saved.loaded is not None and saved.fake:
+            return saved.loaded
         if saved.loaded is not None:
             torch.cuda.current_stream(saved.device).wait_event(saved.loaded_event)
             saved.loaded.record_stream(torch.cuda.current_stream(saved.device))
