@@ -107,6 +107,27 @@ def test_memory_stays_near_the_fused_kernels_and_far_below_the_math_kernels():
     assert blocks * 10 <= math_kernel, (blocks, math_kernel)  # the math kernel keeps [heads, L, L] scores
 
 
+@pytest.mark.parametrize("rows", [64, 128])
+def test_a_block_holds_about_two_fp32_score_blocks_at_a_time(rows):
+    """Beyond what a call must keep (its output, the row log-sum-exps, the query gradient and the fp32 key/value
+    gradient accumulators), the peak is about two fp32 [query heads x rows, keys] tensors: a block's probabilities are
+    made in its scores' memory and freed before the next block makes its own (4.7 of them before 2026-12-07)."""
+    length, heads, width = 2048, 4, 64
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, heads, length, width, generator=generator).bfloat16().requires_grad_()
+    key = torch.randn(1, 1, length, width, generator=generator).bfloat16().requires_grad_()
+    value = torch.randn(1, 1, length, width, generator=generator).bfloat16().requires_grad_()
+    grad = torch.randn(1, heads, length, width, generator=generator).bfloat16()
+    tracker = LiveTensorBytes(torch.device("cpu"))
+    for tensor in (query, key, value, grad):
+        tracker.adopt(tensor)
+    with tracker:
+        query_block_attention(query, key, value, is_causal=True, rows=rows).backward(grad)
+    kept = 2 * query.numel() * 2 + heads * length * 4 + 2 * key.numel() * 4  # out, grad_q; lse; fp32 grad k, v
+    block = heads * rows * length * 4
+    assert tracker.peak_bytes - tracker.static_bytes <= kept + 2.25 * block, (tracker.peak_bytes, kept, block)
+
+
 def test_block_rows_are_a_power_of_two_sized_to_the_query():
     for length, width, dtype in ((8192, 128, torch.bfloat16), (8192, 128, torch.float32), (100, 16, torch.float32)):
         query = torch.empty(1, 8, length, width, dtype=dtype, device="meta")

@@ -23,8 +23,8 @@ MIN_ROWS = 16
 def block_rows(query: torch.Tensor, key: torch.Tensor) -> int:
     """Rows per block: the largest power of two that keeps a block's fp32 temporaries (scores, probabilities and their
     gradients: about three [heads, rows, keys] tensors) within twice the bytes of the query. Measured on the CPU at
-    8192 tokens (benchmarks/attention_blocks.py): 1.5x the fused kernel's memory, and its time; half the rows saved
-    a fifth of the memory at twice the time."""
+    8192 tokens (benchmarks/attention_blocks.py): 1.17x the fused kernel's memory, 1.3x its time; half the rows saved
+    a fifth of the memory at twice the time (before blocks freed their temporaries early)."""
     heads, length, width = query.shape[1], query.shape[2], query.shape[3]
     per_row = 3 * heads * key.shape[2] * 4
     rows = max(MIN_ROWS, (2 * heads * length * width * query.element_size()) // max(1, per_row))
@@ -80,9 +80,25 @@ def _scores(
 
 
 def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(scores - lse), with rows that see no key at all (lse -inf) all zeros rather than NaN."""
+    """exp(scores - lse) in the scores' own memory (a block holds one fp32 [rows, keys] tensor, not three), with rows
+    that see no key at all (lse -inf) all zeros rather than NaN."""
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(scores - finite.unsqueeze(-1))
+    return scores.sub_(finite.unsqueeze(-1)).exp_()
+
+
+#: the fp32 temporaries of a block's backward are made a quarter of its rows at a time
+BACKWARD_ROW_SPLITS = 4
+
+
+def _times_centred(probabilities: torch.Tensor, grad_probabilities: torch.Tensor, row_dot: torch.Tensor) -> None:
+    """probabilities *= (grad_probabilities - row_dot), in fp32, in place: a part of the rows at a time, so that the
+    fp32 copy of the (half-precision) probability gradients is never whole (a block peaks at 1.75 [rows, keys] fp32
+    tensors instead of 2.5)."""
+    rows = probabilities.shape[-2]
+    step = max(1, -(-rows // BACKWARD_ROW_SPLITS))
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        probabilities[..., part, :].mul_(grad_probabilities[..., part, :].float().sub_(row_dot[..., part, :]))
 
 
 class QueryBlockAttention(torch.autograd.Function):
@@ -113,6 +129,7 @@ class QueryBlockAttention(torch.autograd.Function):
             probabilities = _probabilities(scores, block_lse).to(value.dtype)
             del scores
             out[:, :, start:stop] = _ungrouped(torch.matmul(probabilities, value[:, :, :keys]), heads)
+            del probabilities  # before the next block makes its own
             lse[:, :, :, start:stop] = block_lse.view(b, kv_heads, heads // kv_heads, stop - start)
         ctx.save_for_backward(query, key, value, out, lse, mask)
         ctx.scale, ctx.causal, ctx.rows = scale, causal, rows
@@ -139,12 +156,15 @@ class QueryBlockAttention(torch.autograd.Function):
             del scores
             grad_block = _grouped(grad_out[:, :, start:stop], kv_heads)
             grad_value[:, :, :keys] += torch.matmul(probabilities.to(grad_block.dtype).transpose(-1, -2), grad_block)
-            grad_probabilities = torch.matmul(grad_block, value[:, :, :keys].transpose(-1, -2)).float()
+            grad_probabilities = torch.matmul(grad_block, value[:, :, :keys].transpose(-1, -2))
             row_dot = (grad_block.float() * _grouped(out[:, :, start:stop], kv_heads).float()).sum(-1, keepdim=True)
-            grad_scores = probabilities.mul_(grad_probabilities.sub_(row_dot)).mul_(scale).to(query.dtype)
+            _times_centred(probabilities, grad_probabilities, row_dot)
             del grad_probabilities
+            grad_scores = probabilities.mul_(scale).to(query.dtype)
+            del probabilities
             grad_query[:, :, start:stop] = _ungrouped(torch.matmul(grad_scores, key[:, :, :keys]), heads)
             grad_key[:, :, :keys] += torch.matmul(grad_scores.transpose(-1, -2), _grouped(query_block, kv_heads))
+            del grad_scores  # before the next block makes its own
         return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None, None
 
 
