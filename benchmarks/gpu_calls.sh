@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
-# benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10.
+# benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10;
+# run 11 is next (`CALL=11 END=420`).
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -94,6 +95,21 @@ case "$CALL" in
     wait_until 10
     for d in fit8-short fit8-peft; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 6 "$O"/fit-forecast-*.log
+    ;;
+11) # next: the forecasts with 2 and 3 layers sampled (bb11dc2), caps 8, 12 and 16 in parallel, beside the fits
+    # measured in runs 6-10; meanwhile one attention call per path (query blocks after 4f6534c), then the MPS
+    # stand-in's query-blocks step at 8192 tokens. Process with benchmarks/consumer_gpus.py --forecasts.
+    $B "$O" install preset-llama
+    for cap in 8 12 16; do
+        case $cap in 8) lengths=512,1024,2048,2972 ;; *) lengths=8192,12288,16384,21848,32768,40724 ;; esac
+        python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
+            --activations native+blocks+offload,fp32+blocks+offload \
+            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1 &
+        PS="$PS $!"
+    done
+    ($B "$O" attention-blocks; $B "$O" preset; STANDIN_PATHS=query-blocks $B "$O" standin) & PS="$PS $!"
+    wait_until 10
+    tail -n 6 "$O"/fit-forecast-*.log; cut -c1-300 "$O"/attention_blocks.jsonl "$O"/mps_standin_step.jsonl
     ;;
 esac
 kill $M $A
