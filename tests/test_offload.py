@@ -116,8 +116,9 @@ def test_the_forecasts_fake_step_runs_the_hooks_without_counting():
     as a fake device tensor, so the forecast sees it leave the device; the report counts real steps only."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    offload = CheckpointOffload(torch.device("cpu"), min_bytes=0)
+    offload = CheckpointOffload(torch.device("cpu"), min_bytes=1024)
     with FakeTensorMode():
+        assert isinstance(offload.pack(torch.zeros(4)), FakeTensor)  # too small: kept, and not counted
         first, second = torch.zeros(1 << 19), torch.ones(1 << 19)
         packed = [offload.pack(first), offload.pack(second)]
         assert all(p is not t for p, t in zip(packed, (first, second), strict=True))
@@ -125,7 +126,9 @@ def test_the_forecasts_fake_step_runs_the_hooks_without_counting():
         assert isinstance(back, FakeTensor) and back.shape == second.shape
         assert isinstance(packed[0].loaded, FakeTensor)
         assert offload.unpack(packed[0]) is packed[0].loaded
-    assert offload.offloaded == 0 and offload.host_bytes == 0 and offload.peak_host_bytes == 0
+    assert offload.offloaded == 0 and offload.host_bytes == 0 and offload.peak_host_bytes == 0 and not offload.kept
+    real = offload.pack(torch.zeros(1 << 19))  # a real step after a fake one: no link to the fake tensors
+    assert real.previous is None and offload.offloaded == 1
 
 
 def test_refused_before_any_change_where_it_cannot_help():

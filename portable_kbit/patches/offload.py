@@ -76,14 +76,15 @@ class CheckpointOffload:
     # ---- the hooks ------------------------------------------------------------------------------------------------
 
     def pack(self, tensor: torch.Tensor) -> Any:
+        fake = is_fake(tensor)
         reason = self._why_kept(tensor)
         if reason is not None:
-            self.kept[reason] += 1
+            if not fake:  # the report counts the real steps only
+                self.kept[reason] += 1
             return tensor
         saved = self._by_tensor.get(tensor)
         if saved is not None:
             return saved
-        fake = is_fake(tensor)
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin and not fake)
         ready = None
         if self.stream is not None and not fake:
@@ -95,6 +96,8 @@ class CheckpointOffload:
         else:
             host.copy_(tensor)
         previous = self._last() if self._last is not None else None
+        if previous is not None and previous.fake != fake:  # a fake step's tensors never meet a real step's
+            previous = None
         saved = _Saved(host, self.device, ready, previous)
         self._by_tensor[tensor] = saved
         self._last = weakref.ref(saved)
