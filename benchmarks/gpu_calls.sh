@@ -28,6 +28,19 @@ wait_until() { while [ $((SECONDS-S)) -lt $((END-$1)) ] && running; do sleep 5; 
     for p in $PS; do kill $(tree $p) 2>/dev/null; done; sleep 3; }
 left() { echo $((END-(SECONDS-S))); }
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+# `portable-kbit fit` for the offloaded configurations of the consumer table: cap (GiB), lengths
+forecast() {
+    python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget "${1}GiB" --lora-rank 32 --lora-targets $ALL \
+        --activations native+blocks+offload,fp32+blocks+offload \
+        --seq-lens "$2" --json-out "$O/fit-forecast-$1.jsonl" > "$O/fit-forecast-$1.log" 2>&1
+}
+# the three caps in parallel, 12 and 16 GiB at the lengths $1, added to the jobs wait_until waits for
+forecasts() { local cap
+    for cap in 8 12 16; do
+        if [ $cap = 8 ]; then forecast $cap 512,1024,2048,2972 & else forecast $cap "$1" & fi
+        PS="$PS $!"
+    done
+}
 case "$CALL" in
 7)
     $B "$O" install preset
@@ -50,12 +63,8 @@ case "$CALL" in
         FIT_SUFFIX= FIT_VARIANTS= FIT_LENGTHS=2972,4096,6144 $B "$O" consumer-fit-8
         FIT_LENGTHS=512,1024,2048 $B "$O" consumer-fit-8
         FIT_SUFFIX=-aim FIT_VARIANTS=native+blocks+offload FIT_LENGTHS=32768 FIT_JOBS=1 $B "$O" consumer-fit-12) & PS=$!
-    (for cap in 8 12 16; do
-        case $cap in 8) lengths=2048,2972,4096,6144 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
-        python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
-            --activations native+blocks+offload,fp32+blocks+offload \
-            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1
-    done) & PS="$PS $!"
+    (forecast 8 2048,2972,4096,6144
+        for cap in 12 16; do forecast $cap 8192,16384,21848,32768,40724,61086; done) & PS="$PS $!"
     ($B "$O" preset; python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 --seq-len 256 \
         --seeds 1,2,3 --jobs 3 --variants peft,ours-fp32,ours-mixed,ours-native --out "$O/curves-progressions" \
         > "$O/curves_progressions.log" 2>&1) & PS="$PS $!"
@@ -83,13 +92,7 @@ case "$CALL" in
 10) # the forecasts again, now that the fake step sees offloaded inputs leave the device (caps 8, 12, 16 in
     # parallel), beside the 8 GiB row's short lengths and peft under 8 GiB (its run 8 record lost to a harness bug)
     $B "$O" install preset-llama
-    for cap in 8 12 16; do
-        case $cap in 8) lengths=512,1024,2048,2972 ;; *) lengths=8192,16384,21848,32768,40724,61086 ;; esac
-        python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
-            --activations native+blocks+offload,fp32+blocks+offload \
-            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1 &
-        PS="$PS $!"
-    done
+    forecasts 8192,16384,21848,32768,40724,61086
     (FIT_SUFFIX=-short FIT_LENGTHS=512,1024,2048 FIT_JOBS=2 $B "$O" consumer-fit-8
         FIT_SUFFIX=-peft FIT_VARIANTS=peft FIT_LENGTHS=512 FIT_JOBS=1 $B "$O" consumer-fit-8) & PS="$PS $!"
     wait_until 10
@@ -100,13 +103,7 @@ case "$CALL" in
     # measured in runs 6-10; meanwhile one attention call per path (query blocks after 4f6534c), then the MPS
     # stand-in's query-blocks step at 8192 tokens. Process with benchmarks/consumer_gpus.py --forecasts.
     $B "$O" install preset-llama
-    for cap in 8 12 16; do
-        case $cap in 8) lengths=512,1024,2048,2972 ;; *) lengths=8192,12288,16384,21848,32768,40724 ;; esac
-        python3 -m portable_kbit fit llama-3.1-8b --device cuda:0 --budget ${cap}GiB --lora-rank 32 --lora-targets $ALL \
-            --activations native+blocks+offload,fp32+blocks+offload \
-            --seq-lens $lengths --json-out "$O/fit-forecast-$cap.jsonl" > "$O/fit-forecast-$cap.log" 2>&1 &
-        PS="$PS $!"
-    done
+    forecasts 8192,12288,16384,21848,32768,40724
     ($B "$O" attention-blocks; $B "$O" preset; STANDIN_PATHS=query-blocks $B "$O" standin) & PS="$PS $!"
     wait_until 10
     tail -n 6 "$O"/fit-forecast-*.log; cut -c1-300 "$O"/attention_blocks.jsonl "$O"/mps_standin_step.jsonl
