@@ -12,6 +12,9 @@ from typing import Any
 import peft
 
 PEFTS_OWN_DEPRECATIONS = r"`gradient_checkpointing_enable` is deprecated"
+#: what peft's default call leaves to torch (reentrant checkpointing), said explicitly for the tests that train the
+#: baseline: torch warns at every checkpointed call where it is left out. prepare() says it explicitly too.
+TORCHS_DEFAULT_CHECKPOINTING = {"use_reentrant": True}
 
 
 def prepare_with_peft(model: Any, *args: Any, **kwargs: Any) -> Any:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
-from peft_baseline import prepare_with_peft
+from peft_baseline import TORCHS_DEFAULT_CHECKPOINTING, prepare_with_peft
 
 import portable_kbit
 from portable_kbit.backends.base import torch_version
@@ -126,7 +126,7 @@ def switches(model) -> list:
 def test_fp32_attention_follows_peft_loss(backend, device, padded, monkeypatch):
     inputs = batch(padded, device)
     reference = load(backend, device)
-    prepare_with_peft(reference)
+    prepare_with_peft(reference, gradient_checkpointing_kwargs=TORCHS_DEFAULT_CHECKPOINTING)
     peft_losses = train(reference, inputs)
     if padded:  # the mask matters here: a run that ignored it would not follow peft
         unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}

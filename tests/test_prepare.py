@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import bitsandbytes_supports
 from peft import LoraConfig, get_peft_model
-from peft_baseline import prepare_with_peft
+from peft_baseline import TORCHS_DEFAULT_CHECKPOINTING, prepare_with_peft
 
 import portable_kbit
 from portable_kbit.model.hf import is_checkpointing
@@ -212,7 +212,7 @@ def test_adjacent_changes_only_adjacent_norms_and_never_a_quantized_weight(backe
 
 def test_adjacent_fp32_follows_peft_loss_curve(backend, device):
     reference = load_bnb(backend, device)
-    prepare_with_peft(reference)
+    prepare_with_peft(reference, gradient_checkpointing_kwargs=TORCHS_DEFAULT_CHECKPOINTING)
     torch.manual_seed(0)
     _, peft_losses = tiny.train_lora(reference, TARGETS, steps=5)
 
