@@ -255,7 +255,9 @@ def child_time(
         model, target, info = load_prepared(checkpoint, variant, device, lora)
     except Exception as error:
         return [{"variant": variant, "phase": "time", "error": f"{type(error).__name__}: {str(error)[:300]}"}]
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # on the host: device copies of the adapters (~320 MiB for all-r32 on an 8B model) would count against a cap that
+    # the fit probes do not pay (run 10: 12,288 tokens fitted without offload, and its timed run ran out)
+    start = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     for seq_len in lengths:
         with_grad = dict(model.named_parameters())
         for name, value in start.items():
