@@ -131,6 +131,29 @@ def test_the_forecasts_fake_step_runs_the_hooks_without_counting():
     assert real.previous is None and offload.offloaded == 1
 
 
+def test_the_fake_step_runs_short_of_host_memory_where_a_real_step_would(monkeypatch):
+    """A fake step's host copies take no memory, but the real step's would: the host check counts them, so that the
+    forecast keeps on the device what the real step would keep there."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mib = 1 << 20
+    monkeypatch.setattr(
+        offload_module.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=(2 << 30) + 3 * mib)
+    )
+    offload = CheckpointOffload(torch.device("cpu"), min_bytes=0)
+    with FakeTensorMode():
+        first, second = torch.zeros(mib // 2), torch.zeros(mib // 2)  # 2 MiB each
+        kept_first, kept_second = offload.pack(first), offload.pack(second)
+        assert kept_first is not first  # 3 MiB above the margin: offloaded
+        assert kept_second is second  # 1 MiB left above the margin once the first copy counts: kept
+        del first, kept_first  # the backward used the first copy: its memory is the host's again
+        gc.collect()
+        third = torch.zeros(mib // 2)
+        assert offload.pack(third) is not third
+
+
 def test_refused_before_any_change_where_it_cannot_help():
     model = llama()
     before = model_state.take(model)

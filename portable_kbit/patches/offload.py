@@ -70,6 +70,7 @@ class CheckpointOffload:
         self.kept: Counter[str] = Counter()
         self.host_bytes = 0  # held on the host now
         self.peak_host_bytes = 0
+        self._fake_host_bytes = 0  # a fake step's host copies: not allocated, but a real step's would be
         self._by_tensor: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a tensor saved twice is copied once
         self._last: weakref.ref[_Saved] | None = None
 
@@ -102,6 +103,8 @@ class CheckpointOffload:
         self._by_tensor[tensor] = saved
         self._last = weakref.ref(saved)
         if fake:  # not offloaded for real: the report counts the real steps only
+            self._fake_host_bytes += saved.nbytes
+            weakref.finalize(saved, self._fake_released, saved.nbytes)
             return saved
         self.offloaded += 1
         self.host_bytes += saved.nbytes
@@ -128,12 +131,18 @@ class CheckpointOffload:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes < self.min_bytes:
             return "smaller than a copy is worth"
-        if psutil.virtual_memory().available - nbytes < self.host_margin_bytes:
+        # a fake step's copies take no host memory: count them as a real step's would, so the forecast keeps on the
+        # device what a real step would keep there once the host runs short
+        pending = self._fake_host_bytes if is_fake(tensor) else 0
+        if psutil.virtual_memory().available - pending - nbytes < self.host_margin_bytes:
             return "the host is short of memory"
         return None
 
     def _released(self, nbytes: int) -> None:
         self.host_bytes -= nbytes
+
+    def _fake_released(self, nbytes: int) -> None:
+        self._fake_host_bytes -= nbytes
 
     def _prefetch(self, saved: _Saved) -> None:
         """Start copying `saved` back on the side stream, to overlap with the recompute of the layer after it."""
