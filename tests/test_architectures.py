@@ -10,18 +10,10 @@ its committed results are in benchmarks/results/architectures/.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import benchmark_scripts
 import pytest
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "architectures.py"
-_spec = importlib.util.spec_from_file_location("architectures", PATH)
-assert _spec is not None and _spec.loader is not None
-architectures = importlib.util.module_from_spec(_spec)
-sys.modules["architectures"] = architectures
-_spec.loader.exec_module(architectures)
+architectures = benchmark_scripts.load("architectures")
 
 FAMILIES: dict[str, list[str]] = {
     "dense": ["llama", "qwen3", "gemma2", "mistral", "phi3", "cohere2"],

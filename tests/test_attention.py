@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import benchmark_scripts
 import model_state
 import pytest
 import torch
@@ -391,15 +392,9 @@ def test_attention_modes_name_the_fp32_flows():
 
 def test_the_benchmark_runs_on_cpu(capsys):
     """benchmarks/attention_fp32.py at a tiny size: one JSON line per variant, each naming the kernel that ran."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_fp32.py"
-    spec = importlib.util.spec_from_file_location("attention_fp32_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = benchmark_scripts.load("attention_fp32")
     argv = ["--device", "cpu", "--lengths", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
     assert benchmark.main([*argv, "--repeats", "1"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -3,23 +3,15 @@ refines a coarse search in steps of 256 (simulated results; the script itself ru
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
+import benchmark_scripts
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_sequences.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("long_sequences", PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["long_sequences"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
+    yield benchmark_scripts.load("long_sequences")
     del sys.modules["long_sequences"]
 
 
@@ -83,11 +75,7 @@ def test_table_keeps_failures_without_a_length(bench):
 
 
 def _consumer_gpus():
-    spec = importlib.util.spec_from_file_location("consumer_gpus", PATH.parent / "consumer_gpus.py")
-    assert spec is not None and spec.loader is not None
-    consumer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(consumer)
-    return consumer
+    return benchmark_scripts.load("consumer_gpus")
 
 
 def test_consumer_table_takes_a_remeasured_length_from_the_later_folder(tmp_path):

@@ -3,18 +3,11 @@ sets a flow's gap against the bar or that spread, whichever is larger (what issu
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_curves.py"
+import benchmark_scripts
 
 
 def _loss_curves():
-    spec = importlib.util.spec_from_file_location("loss_curves", PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("loss_curves")
 
 
 def record(variant: str, seed: int, offset: float) -> dict:

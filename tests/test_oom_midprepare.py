@@ -5,10 +5,7 @@ written into the fp32 tensor's own storage."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import benchmark_scripts
 import pytest
 import torch
 from torch import nn
@@ -17,12 +14,7 @@ from portable_kbit.pipeline import cast as cast_module
 from portable_kbit.pipeline.cast import CastJournal, downcast_in_place
 from portable_kbit.pipeline.plan import ParamCast
 
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "oom_midprepare.py"
-_spec = importlib.util.spec_from_file_location("oom_midprepare", PATH)
-assert _spec is not None and _spec.loader is not None
-oom_midprepare = importlib.util.module_from_spec(_spec)
-sys.modules["oom_midprepare"] = oom_midprepare
-_spec.loader.exec_module(oom_midprepare)
+oom_midprepare = benchmark_scripts.load("oom_midprepare")
 
 
 def test_out_of_memory_mid_prepare_restores_the_model_and_a_second_prepare_succeeds(tmp_path):
