@@ -196,14 +196,12 @@ def _offloaded(model: Any) -> dict | None:
     return done.offload.to_dict() if done is not None and done.offload is not None else None
 
 
-def _cap(device: str, cap_bytes: int) -> int | None:
-    """Cap this process's allocator at `cap_bytes` where the device is CUDA; the cap in MiB, or None."""
+def _cap(target: Any, cap_bytes: int) -> int | None:
+    """Cap this process's allocator at `cap_bytes` where the target's device is CUDA; the cap in MiB, or None."""
     import torch
 
-    from portable_kbit import backends
     from portable_kbit.tools import compare
 
-    target = backends.resolve(device)
     if target.device.type != "cuda":
         return None
     compare.cap_memory(target, cap_bytes / torch.cuda.get_device_properties(target.device).total_memory)
@@ -215,12 +213,12 @@ def child_fit(
 ) -> dict:
     """In this process: cap the allocator (CUDA), load, prepare, train `steps` steps at `seq_len`; the record."""
     record: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "steps": steps, "device": device, "lora": lora}
-    cap_mib = _cap(device, cap_bytes)
-    if cap_mib is not None:
-        record["cap_mib"] = cap_mib
     from portable_kbit import backends
 
-    target = backends.resolve(device)  # the peaks are read even where loading itself runs out of memory
+    target = backends.resolve(device)  # resolved before loading: the peaks are read even where loading runs out
+    cap_mib = _cap(target, cap_bytes)
+    if cap_mib is not None:
+        record["cap_mib"] = cap_mib
     try:
         model, target, info = load_prepared(checkpoint, variant, device, lora)
         record.update(info)
@@ -250,7 +248,9 @@ def child_time(
     """In this process, uncapped unless `cap_bytes` says (CUDA): the step time and losses at each length, from the
     same starting adapter."""
     records = []
-    cap_mib = _cap(device, cap_bytes) if cap_bytes else None
+    from portable_kbit import backends
+
+    cap_mib = _cap(backends.resolve(device), cap_bytes) if cap_bytes else None
     try:
         model, target, info = load_prepared(checkpoint, variant, device, lora)
     except Exception as error:
