@@ -157,11 +157,10 @@ class CheckpointOffload:
             saved.loaded_event = self.stream.record_event()
 
     def _on_device(self, saved: _Saved) -> torch.Tensor:
-        if saved.loaded is not None and saved.fake:
-            return saved.loaded
         if saved.loaded is not None:
-            torch.cuda.current_stream(saved.device).wait_event(saved.loaded_event)
-            saved.loaded.record_stream(torch.cuda.current_stream(saved.device))
+            if not saved.fake:  # prefetched on the side stream: wait for it, and keep its memory for this stream
+                torch.cuda.current_stream(saved.device).wait_event(saved.loaded_event)
+                saved.loaded.record_stream(torch.cuda.current_stream(saved.device))
             return saved.loaded
         if saved.ready is not None:
             torch.cuda.current_stream(saved.device).wait_event(saved.ready)
