@@ -53,6 +53,7 @@ class Variant:
     offload: bool = False  # prepare(offload_checkpoints=True): checkpointed layer inputs in host memory
     ablation: str | None = None  # mixed with one half only (portable_kbit.tools.compare.mixed_ablation)
     mlp_rule: str | None = None  # the backend's mlp_block_rule for this process ("hidden": TiledMLP's block size)
+    tf32: bool = False  # prepare(tf32=True): fp32 matmuls on TF32 tensor cores
 
 
 def _variants() -> dict[str, Variant]:
@@ -69,6 +70,8 @@ def _variants() -> dict[str, Variant]:
         for tail, offload in (("+blocks+tiledmlp", False), ("+blocks+offload+tiledmlp", True)):
             # the MLPs in blocks of about the hidden width (Backend.mlp_block_rule = "hidden"), the head's unchanged
             variants[mode + tail] = Variant("ours", mode, "auto", offload=offload, mlp_rule="hidden")
+        variants[f"{mode}+tf32"] = Variant("ours", mode, tf32=True)
+        variants[f"{mode}+blocks+tf32"] = Variant("ours", mode, "auto", tf32=True)
     for part in ("attention", "mlp"):  # the ablations of mixed: which half costs what
         variants[f"mixed-{part}"] = Variant("ours", "mixed", ablation=part)
     return variants
@@ -128,11 +131,13 @@ def load_prepared(checkpoint: str, variant: str, device: str, lora: str = "qkvo-
                 activations=spec.activations,
                 token_blocks=spec.token_blocks,
                 offload_checkpoints=spec.offload,
+                tf32=spec.tf32,
                 gradient_checkpointing_kwargs=CHECKPOINTING,
             )
         done = report(model)
         if done is not None:
             info["offload"] = done.offload_reason
+            info["tf32"] = done.tf32_reason
             info["token_blocks"] = done.token_blocks
             info["mlp_token_blocks"] = done.mlp_token_blocks
             info["blocked_head"] = done.blocked_head

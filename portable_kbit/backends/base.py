@@ -195,6 +195,10 @@ class Backend:
             return f"{self.name}: the device's memory is the host's, so moving tensors to the host frees nothing"
         return None
 
+    def why_no_tf32(self, device: torch.device) -> str | None:
+        """None where fp32 matmuls on `device` can run on TF32 tensor cores (prepare(tf32=True)), else why not."""
+        return f"{self.name} has no TF32 matmuls (fp32 matmuls here are IEEE fp32)"
+
     def offload_stream(self, device: torch.device) -> object | None:
         """A side stream for the copies between the device and the host (None: they run in line)."""
         return None

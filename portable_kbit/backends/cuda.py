@@ -106,6 +106,13 @@ class CudaBackend(Backend):
 
     pins_host_memory = True
 
+    def why_no_tf32(self, device: torch.device) -> str | None:
+        index = self._index(device)
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:  # TF32 tensor cores came with Ampere (compute capability 8.0)
+            return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no TF32"
+        return None
+
     def offload_stream(self, device: torch.device) -> object | None:
         return torch.cuda.Stream(device=self._index(device))
 

@@ -30,6 +30,11 @@ class RocmBackend(CudaBackend):
             return "torch.cuda.is_available() is False on this ROCm build (no AMD GPU visible)"
         return None
 
+    def why_no_tf32(self, device: torch.device) -> str | None:
+        # torch reads the same setting on ROCm, but which AMD GPUs honour it depends on the GPU and hipBLASLt; not
+        # measured here, so not offered
+        return "rocm: TF32 matmuls are not offered on AMD GPUs (not measured on one)"
+
     def allocator_stats(self, device: torch.device) -> AllocatorStats:
         stats = super().allocator_stats(device)
         if self.is_unified(device):

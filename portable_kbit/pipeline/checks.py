@@ -37,6 +37,7 @@ def check_options(
     gradient_checkpointing_kwargs: Any = None,
     token_blocks: Any = None,
     offload_checkpoints: Any = "auto",
+    tf32: Any = False,
 ) -> None:
     """prepare()'s options, checked before anything is touched (keyword names as prepare() takes them)."""
     checkpointing_kwargs = gradient_checkpointing_kwargs
@@ -65,6 +66,8 @@ def check_options(
             f"offload_checkpoints={offload_checkpoints!r} is not valid: use 'auto' (where it frees memory and was "
             "measured to pay), True (on, or refused where it cannot help) or False"
         )
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32={tf32!r} is not valid: use True (TF32 for fp32 matmuls on CUDA) or False")
     if checkpointing_kwargs is not None and not isinstance(checkpointing_kwargs, dict):
         raise TypeError(
             f"gradient_checkpointing_kwargs must be a dict or None, not {type(checkpointing_kwargs).__name__}"
@@ -130,6 +133,19 @@ def decide_offload(option: bool | str, target: Target, host_available: int, chec
             "it on"
         )
     return True, f"on: to {'pinned ' if target.backend.pins_host_memory else ''}host memory"
+
+
+def decide_tf32(option: bool, target: Target, activations: str) -> tuple[bool, str]:
+    """Whether fp32 matmuls go to TF32, and why (or why not). True where the device has no TF32 is refused here,
+    before any change."""
+    if not option:
+        return False, "tf32=False"
+    why_not = target.backend.why_no_tf32(target.device)
+    if why_not is not None:
+        raise ValueError(f"tf32=True: {why_not}. Pass tf32=False (the default) on this device.")
+    if activations == "native":
+        return True, "on, though activations='native' leaves few fp32 matmuls for it to speed up"
+    return True, "on: fp32 matmuls use TF32 tensor cores (a numerics change, process-wide)"
 
 
 def warn_if_not_quantized(index: ModelIndex) -> None:

@@ -17,24 +17,26 @@ from torch import nn
 from ..backends import Target
 from ..memory import snapshots
 from ..memory.snapshots import MemorySnapshot
-from ..model.hf import call, enable_checkpointing, hf_model, input_embeddings, is_peft_model
+from ..model.hf import hf_model, input_embeddings, is_peft_model
 from ..model.index import ModelIndex
 from ..model.layers import checkpointed_layers, in_every_layer
 from ..model.trace import Trace, trace
 from ..patches import adapter_casts, attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
-from ..patches.offload import CheckpointOffload
-from ..patches.protocol import Hook, InstanceAttribute, InstanceForward, PatchSet
+from ..patches.protocol import InstanceForward, PatchSet
+from ..patches.tf32 import Tf32Matmuls
 from ..patches.token_blocks import plan as token_blocks_plan
 from ..patches.token_blocks.counts import BlockedCalls
 from . import adapters, plan
 from .cast import CastJournal
+from .checkpointing import enable_gradient_checkpointing, keep_inputs_off_the_leaves, offload_checkpoint_inputs
 from .checks import (
     ACTIVATIONS,
     check_checkpointing_support,
     check_model,
     check_options,
     decide_offload,
+    decide_tf32,
     model_bytes,
     peft_positional_compat,
     resolve_target,
@@ -83,6 +85,7 @@ def prepare(
     chunk_bytes: int | None = None,
     token_blocks: int | str | None = None,
     offload_checkpoints: bool | str = "auto",
+    tf32: bool = False,
 ) -> nn.Module:
     """Prepare a quantized transformers model (or a PeftModel) for LoRA/QLoRA training; returns the same model.
 
@@ -142,6 +145,13 @@ def prepare(
             without checkpointing, or with less than 2 GiB available on the host). ``"auto"`` (default): off for now,
             until it is measured to pay (the report says why). ``False``: off. ``report(model).offload`` counts what
             went to the host and the host bytes it holds.
+        tf32: ``True``: the fp32 matmuls of the flow (the adapted layers and their adapters, attention's
+            projections, lm_head's fp32 blocks) run on TF32 tensor cores: inputs rounded to a 10-bit mantissa, sums
+            in fp32; a numerics change, and faster (docs/api.md says what was measured). It sets torch's CUDA fp32
+            matmul precision for the whole process, as ``TrainingArguments(tf32=True)`` does (torch reads it in the
+            backward too, outside any scope prepare() could open); a repeat prepare() without it puts the previous
+            setting back. Refused before any change where the device has no TF32 (before NVIDIA Ampere, ROCm, MPS,
+            the CPU). ``False`` (default): torch's setting is left as it is.
 
     Raises:
         ValueError: bad arguments, an unavailable device, a model on another device, nothing matched by
@@ -159,6 +169,7 @@ def prepare(
         gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         token_blocks=token_blocks,
         offload_checkpoints=offload_checkpoints,
+        tf32=tf32,
     )
     index = check_model(model)
     warn_if_not_quantized(index)
@@ -171,6 +182,7 @@ def prepare(
     changes, found = planned_changes(model, upcast, target_modules, frozen_norms, token_blocks, index)
     blocks_plan = plan_token_blocks(model, found, token_blocks, targets[0], befores[0])
     offload = decide_offload(offload_checkpoints, target, befores[0].host_available, use_gradient_checkpointing)
+    matmuls = decide_tf32(tf32, target, activations)
     moved = model_bytes(model) if move_to is not None else 0
     shares = share_casts(targets, befores, changes.casts, chunk_bytes, moved)
     check_headroom(shares)
@@ -191,11 +203,15 @@ def prepare(
         block_calls = add_token_blocks(model, blocks_plan, transaction)
         transaction.patches.apply(adapter_casts.ShareAdapterCasts(index.modules.values()))  # one cast per input
         checkpointing = enable_gradient_checkpointing(
-            model, use_gradient_checkpointing, gradient_checkpointing_kwargs, previous
+            model,
+            use_gradient_checkpointing,
+            gradient_checkpointing_kwargs,
+            previous.checkpointing_kwargs if previous is not None else None,
         )
         keep_inputs_off_the_leaves(model, checkpointing, transaction)
         offloaded = offload_checkpoint_inputs(model, offload[0], target, transaction)
         keep_forwards_through_kernelization(model, transaction)
+        tf32_setting = use_tf32_matmuls(matmuls[0], transaction)
         finish_on_devices(shares)
         devices = measure_after(shares)
         report = build_report(
@@ -213,6 +229,7 @@ def prepare(
             block_calls,
             offload[1],
             offloaded,
+            matmuls[1] if tf32_setting is None else f"{matmuls[1]} ({tf32_setting.describe()})",
         )
     remember(model, PrepState(report, transaction.patches, checkpointing))
     return model
@@ -422,55 +439,12 @@ def add_token_blocks(
     return counts
 
 
-def enable_gradient_checkpointing(
-    model: nn.Module, enabled: bool, kwargs: dict | None, previous: PrepState | None
-) -> dict | None:
-    """As peft: input gradients unless use_reentrant=False, then transformers' own checkpointing (undone by the
-    transaction's snapshot on failure). Returns the kwargs used (None: not enabled). A repeat with the same kwargs
-    changes nothing (no duplicate hooks)."""
+def use_tf32_matmuls(enabled: bool, transaction: Transaction) -> Tf32Matmuls | None:
+    """torch's CUDA fp32 matmul precision set to TF32 (patches/tf32.py); the last change, so that nothing after it
+    can fail and leave the process setting changed (the transaction would put it back all the same)."""
     if not enabled:
         return None
-    # torch's default (reentrant), said explicitly: torch warns at every checkpointed call without it that a later
-    # release will raise (peft's function passes {} and gets the warning)
-    kwargs = {"use_reentrant": True, **(kwargs or {})}
-    base = hf_model(model)
-    if previous is not None and previous.checkpointing_kwargs == kwargs and _input_grads_enabled(base):
-        return kwargs
-    enable_checkpointing(base, kwargs)
-    needs_input_grads = kwargs.get("use_reentrant", True)
-    if needs_input_grads and not _input_grads_enabled(base):
-        call(base, "enable_input_require_grads")
-    return kwargs
-
-
-def keep_inputs_off_the_leaves(model: nn.Module, checkpointing: dict | None, transaction: Transaction) -> None:
-    """With reentrant checkpointing, transformers' input-gradient hook makes the embedding output a leaf that requires
-    grad, and a model that adds to it in place (BLT's hash embeddings: `embeddings += ...`) then fails ("a leaf
-    Variable that requires grad is being used in an in-place operation"), with peft's function too. A hook after it
-    hands on a copy instead: no longer a leaf, the same values and gradients."""
-    if checkpointing is None or not checkpointing.get("use_reentrant", True):
-        return
-    embeddings = input_embeddings(hf_model(model))
-    if embeddings is not None:
-        transaction.patches.apply(Hook(embeddings, _copy_of_leaf_output, pre=False))
-
-
-def offload_checkpoint_inputs(
-    model: nn.Module, enabled: bool, target: Target, transaction: Transaction
-) -> CheckpointOffload | None:
-    """Each checkpointed layer's checkpoint function, wrapped so that the inputs it saves go to host memory
-    (patches/offload.py); returns the live counts of what went there."""
-    if not enabled:
-        return None
-    backend, device = target.backend, target.device
-    offload = CheckpointOffload(device, backend.offload_stream(device), backend.pins_host_memory)
-    for layer in checkpointed_layers(model):
-        checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
-        if checkpoint is not None:
-            transaction.patches.apply(
-                InstanceAttribute(layer, "_gradient_checkpointing_func", offload.wrap(checkpoint))
-            )
-    return offload
+    return transaction.patches.apply(Tf32Matmuls())
 
 
 def keep_forwards_through_kernelization(model: nn.Module, transaction: Transaction) -> None:
@@ -478,16 +452,6 @@ def keep_forwards_through_kernelization(model: nn.Module, transaction: Transacti
     instance forwards are put back after each kernelization (patches/hub_kernels.py)."""
     forwards = transaction.patches.of_type(InstanceForward)
     transaction.patches.extend(list(follow_kernelization(hf_model(model), forwards)))
-
-
-def _copy_of_leaf_output(module: nn.Module, args: tuple, output: Any) -> Any:
-    if isinstance(output, torch.Tensor) and output.is_leaf and output.requires_grad:
-        return output.clone()
-    return None
-
-
-def _input_grads_enabled(hf_model: nn.Module) -> bool:
-    return bool(getattr(hf_model, "_require_grads_hooks", None) or getattr(hf_model, "_require_grads_hook", None))
 
 
 def remember(model: nn.Module, state: PrepState) -> None:

@@ -93,6 +93,9 @@ class PrepReport:
     offload_checkpoints: bool = False
     offload_reason: str = ""
     offload: CheckpointOffload | None = None
+    # prepare(tf32=...): whether fp32 matmuls use TF32 (torch's process-wide setting) and what was set
+    tf32: bool = False
+    tf32_reason: str = "tf32=False"
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
@@ -178,6 +181,8 @@ class PrepReport:
             lines.append(f"  {self.offload.line()}")
         elif self.gradient_checkpointing and self.offload_reason:
             lines.append(f"  checkpointed layer inputs stay on the device ({self.offload_reason})")
+        if self.tf32:
+            lines.append(f"  TF32 matmuls: {self.tf32_reason}")
         if self.token_blocks is not None:
             head = "head and loss" if self.blocked_head else "no head"
             transform = f" (logits: {', '.join(self.logit_transform)})" if self.logit_transform else ""

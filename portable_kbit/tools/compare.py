@@ -60,6 +60,8 @@ VARIANTS: dict[str, str] = {
     "ours-fp32-upcast": "portable_kbit.prepare(activations='fp32', frozen_norms='upcast')",
     "ours-fp32-offload": "portable_kbit.prepare(activations='fp32', offload_checkpoints=True)",
     "ours-native-offload": "portable_kbit.prepare(activations='native', offload_checkpoints=True)",
+    "ours-fp32-tf32": "portable_kbit.prepare(activations='fp32', tf32=True)",
+    "ours-mixed-tf32": "portable_kbit.prepare(activations='mixed', tf32=True)",
 }
 DEFAULT_VARIANTS = ("none", "peft-noclear", "peft", "ours-fp32", "ours-native", "ours-peft")
 
@@ -246,9 +248,11 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "ours-fp32-upcast": {"frozen_norms": "upcast"},
         "ours-fp32-offload": {"offload_checkpoints": True},
         "ours-native-offload": {"activations": "native", "offload_checkpoints": True},
+        "ours-fp32-tf32": {"tf32": True},
+        "ours-mixed-tf32": {"activations": "mixed", "tf32": True},
     }
     options = by_variant[variant]
-    ablation = variant.removeprefix("ours-mixed-") if variant.startswith("ours-mixed-") else None
+    ablation = variant.removeprefix("ours-mixed-") if variant in ("ours-mixed-attention", "ours-mixed-mlp") else None
     with mixed_ablation(ablation):
         model = prepare(
             model, str(target.device), target_modules=targets, gradient_checkpointing_kwargs=CHECKPOINTING, **options
@@ -268,6 +272,7 @@ def prepare_variant(model: Any, variant: str, target: backends.Target, targets: 
         "seconds": round(done.seconds, 4),
         "trace_seconds": round(done.trace_seconds, 4),
         "offload": done.offload_reason,
+        "tf32": done.tf32_reason,
     }
     return model
 
