@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
 # benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10;
-# run 11 is next (`CALL=11 END=560`).
+# run 11 is next (`CALL=11 END=560`), then run 12 (`CALL=12 END=480`: TF32).
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -102,16 +102,28 @@ case "$CALL" in
 11) # next: alone first (timings), one attention call per path with the query blocks of 4f6534c and the MPS
     # stand-in's query-blocks step at 8192 tokens; then in parallel the forecasts with 2 and 3 layers sampled (bb11dc2,
     # ef55656; caps 8, 12 and 16, beside the fits of runs 6-10: benchmarks/consumer_gpus.py --forecasts) and the
-    # one-sequence curves of mixed with peft run twice per seed (its own spread, the yardstick of issue 23's bar).
+    # one-sequence curves of mixed with peft run twice per seed (its own spread, the yardstick of issue 23's bar),
+    # and of fp32 and mixed with TF32 matmuls (prepare(tf32=True)).
     $B "$O" install preset-llama preset
     timeout 90 $B "$O" attention-blocks
     STANDIN_PATHS=query-blocks timeout 150 $B "$O" standin
     forecasts 8192,12288,16384,21848,32768,40724
-    (python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 3 \
-        --variants peft,peft#2,ours-fp32,ours-mixed --out "$O/curves-repeat" > "$O/curves_repeat.log" 2>&1) & PS="$PS $!"
+    (python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --steps 40 --seeds 1,2,3 --jobs 6 \
+        --variants peft,peft#2,ours-fp32,ours-mixed,ours-fp32-tf32,ours-mixed-tf32 --out "$O/curves-repeat" \
+        > "$O/curves_repeat.log" 2>&1) & PS="$PS $!"
     wait_until 10
     tail -n 6 "$O"/fit-forecast-*.log; cut -c1-300 "$O"/attention_blocks.jsonl "$O"/mps_standin_step.jsonl
     grep -h "gap to peft\|peft's curve" "$O/curves_repeat.log"
+    ;;
+12) # TF32 (prepare(tf32=True)): alone, the 4096-token step of native, fp32 and mixed with and without it; then the
+    # 40-step curves of the progressions task with peft twice per seed
+    $B "$O" install preset
+    TIME_STEPS=5 TIME_DIR=tf32 TIME_VARIANTS=native,fp32,fp32+tf32,mixed,mixed+tf32 timeout $(($(left)-240)) $B "$O" time
+    (python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 \
+        --seeds 1,2,3 --jobs 5 --variants peft,peft#2,ours-fp32,ours-fp32-tf32,ours-mixed-tf32 \
+        --out "$O/curves-tf32-progressions" > "$O/curves_tf32_progressions.log" 2>&1) & PS="$PS $!"
+    wait_until 10
+    cat "$O"/tf32/long_sequences.md; grep -h "gap to peft\|peft's curve" "$O/curves_tf32_progressions.log"
     ;;
 esac
 kill $M $A
