@@ -129,9 +129,14 @@ def _layer_signature(layer: nn.Module) -> tuple:
     return type(layer), params, tuple(type(m) for m in layer.modules())
 
 
-#: the fake step runs 2 and 3 periods of a layer stack and extrapolates: what a step holds once, not per layer, is in
-#: both samples from 2 on (offload's prefetch of the layer before; with 1 and 2 it read as a per-layer cost, run 10)
-SAMPLED_PERIODS = (2, 3)
+#: the fake step runs 2, 3, ... periods of a layer stack and extrapolates from the last two, once the per-layer growth
+#: has settled: what a step holds a fixed number of times (offload's in-flight and prefetched layer inputs) is in
+#: every sample only from some count on. Sampling 1 and 2 read offload's prefetch as a per-layer cost (run 10 on the
+#: H100); 2 and 3 were still short of native mode's window (run 11: 1.45x its measured peak at 21,848 tokens)
+FIRST_PERIODS = 2
+MAX_PERIODS = 6
+#: growths per layer that differ by less than this (relative) have settled
+SETTLED = 0.005
 
 
 def repeated_layers(model: nn.Module) -> tuple[DecoderLayers, int] | None:
@@ -147,15 +152,16 @@ def repeated_layers(model: nn.Module) -> tuple[DecoderLayers, int] | None:
     if len(stack.first_of_each_kind(_layer_signature)) != 1:
         return None
     period = stack.period(config)
-    return (stack, period) if count > SAMPLED_PERIODS[1] * period else None
+    return (stack, period) if count > (FIRST_PERIODS + 1) * period else None
 
 
 class FakeSteps:
     """Fake training steps of one model on one device, memoised per length: peak bytes of live tensors.
 
-    With `sample_layers` (default) a stack of identical decoder layers runs with 2 and 3 x `period` of its layers
-    and the peak is extrapolated to all of them (exact when the layers are identical; a 7B model's step costs a few
-    layers' worth of Python instead of 32).
+    With `sample_layers` (default) a stack of identical decoder layers runs with 2, 3, ... x `period` of its layers
+    until the peak's growth per period has settled (at most MAX_PERIODS), and the peak is extrapolated from the last
+    two to all of them (exact when the layers are identical; a 7B model's step costs a few layers' worth of Python
+    instead of 32).
     """
 
     def __init__(
@@ -182,12 +188,23 @@ class FakeSteps:
             self.static_bytes = static
             return peak, phase
         stack, period = sample
-        few, more = SAMPLED_PERIODS[0] * period, SAMPLED_PERIODS[1] * period
-        with stack.only(list(stack.layers)[:few]):
-            peak_few, static_few, _ = self._run(seq_len)
-        with stack.only(list(stack.layers)[:more]):
-            peak_more, static_more, phase = self._run(seq_len)
+        runs: dict[int, tuple[int, int]] = {}  # layers run -> (peak, static)
+        growth: float | None = None
+        layers = FIRST_PERIODS * period
+        while True:
+            with stack.only(list(stack.layers)[:layers]):
+                peak, static, phase = self._run(seq_len)
+            runs[layers] = (peak, static)
+            before = runs.get(layers - period)
+            if before is not None:
+                last, growth = growth, (peak - before[0]) / period
+                settled = last is not None and abs(growth - last) <= SETTLED * max(abs(last), 1.0)
+                if settled or layers + period > min(len(stack), MAX_PERIODS * period):
+                    break
+            layers += period
+        few, more = layers - period, layers
         scale = (len(stack) - few) / (more - few)
+        (peak_few, static_few), (peak_more, static_more) = runs[few], runs[more]
         self.static_bytes = round(static_few + scale * (static_more - static_few))
         return round(peak_few + scale * (peak_more - peak_few)), phase
 
