@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
 # benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10;
-# run 11 is next (`CALL=11 END=560`), then run 12 (`CALL=12 END=480`: TF32).
+# runs 11 and 12 ran (benchmarks/results/h100/run11, run12); run 13 is next (`CALL=13 END=560`).
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -19,6 +19,9 @@
 #   without offloaded checkpoints at the longest length that fits without (of 8192, 12,288, 16,384), and one
 #   attention call per path (attention_blocks.py).
 B=benchmarks/gpu_run.sh; CALL=${CALL:-7}; O=/tmp/r$CALL; mkdir -p "$O"; S=$SECONDS; END=${END:-580}
+# the commands typed here (forecasts, curves) import the wheels the install stage puts in /tmp/site, and the
+# checkout (run 11's first call lost its forecasts and curves without this)
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 (while true; do echo "$((SECONDS-S)) s: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) | $(free -g | sed -n 2p)"; sleep 30; done) > "$O/monitor.log" 2>&1 & M=$!
 (while sleep 20; do tar czf "$OUT/.run.tgz" -C /tmp "r$CALL" 2>/dev/null && mv "$OUT/.run.tgz" "$OUT/run$CALL.tgz"; done) & A=$!
 tree() { local c; for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }
@@ -124,6 +127,21 @@ case "$CALL" in
         --out "$O/curves-tf32-progressions" > "$O/curves_tf32_progressions.log" 2>&1) & PS="$PS $!"
     wait_until 10
     cat "$O"/tf32/long_sequences.md; grep -h "gap to peft\|peft's curve" "$O/curves_tf32_progressions.log"
+    ;;
+13) # next: alone, the 4096-token step of native, mixed and mixed + TF32, three rounds in turn (is mixed within 1.15x
+    # of native: run 10 said 1.15x, run 12 1.19x); then in parallel the forecasts with the layers sampled until their
+    # growth settles (native was 1.45-1.63x in run 11) and the progressions curves with TF32 on 3 seeds
+    $B "$O" install preset-llama preset
+    for round in 1 2 3; do
+        TIME_STEPS=5 TIME_DIR=modes-$round TIME_VARIANTS=native,mixed,mixed+tf32 timeout 120 $B "$O" time
+    done
+    forecasts 21848,32768,40724
+    (python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 \
+        --seeds 1,2,3 --jobs 6 --variants peft,peft#2,ours-fp32,ours-mixed,ours-mixed-tf32,ours-fp32-tf32 \
+        --out "$O/curves-tf32-progressions" > "$O/curves_tf32_progressions.log" 2>&1) & PS="$PS $!"
+    wait_until 10
+    cat "$O"/modes-*/long_sequences.md; tail -n 6 "$O"/fit-forecast-*.log
+    grep -h "gap to peft\|peft's curve" "$O/curves_tf32_progressions.log"
     ;;
 esac
 kill $M $A
