@@ -16,8 +16,8 @@ import re
 import model_state
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
+from tiny_llama import tiny_llama
 
 import portable_kbit
 from portable_kbit import backends
@@ -147,19 +147,11 @@ def test_fake_step_sees_offloaded_inputs_leave_the_device(monkeypatch, activatio
 
     monkeypatch.setattr(CpuBackend, "why_no_offload", lambda self, device: None)
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
     peaks = {}
     for offload in (False, True):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = tiny_llama(
+            dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=8, max_position_embeddings=4096
+        )
         portable_kbit.prepare(
             model,
             "cpu",

@@ -12,8 +12,8 @@ import gc
 import model_state
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
+from tiny_llama import tiny_llama
 
 import portable_kbit
 from portable_kbit.backends.cpu import CpuBackend
@@ -24,17 +24,7 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return tiny_llama(num_hidden_layers=3)
 
 
 @pytest.fixture

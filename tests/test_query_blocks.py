@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
+from tiny_llama import tiny_llama
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import portable_kbit
@@ -143,18 +143,7 @@ def test_block_rows_are_a_power_of_two_sized_to_the_query():
 
 
 def llama(**overrides):
-    config = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**config), dtype=torch.float32)
+    return tiny_llama(**overrides)
 
 
 @pytest.fixture

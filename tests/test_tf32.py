@@ -7,8 +7,8 @@ from __future__ import annotations
 import model_state
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
+from tiny_llama import tiny_llama
 
 import portable_kbit
 from portable_kbit.backends.cpu import CpuBackend
@@ -19,20 +19,6 @@ from portable_kbit.pipeline import prepare as prepare_module
 
 TARGETS = ["q_proj", "v_proj"]
 SETTING = Tf32Matmuls.ATTRIBUTE
-
-
-def llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def setting():
@@ -54,7 +40,7 @@ def tf32_standin(monkeypatch, restore_setting):
 
 
 def test_refused_before_any_change_where_the_device_has_no_tf32(restore_setting):
-    model = llama()
+    model = tiny_llama()
     before = model_state.take(model)
     with pytest.raises(ValueError, match=r"tf32=True: cpu has no TF32 matmuls .* Pass tf32=False"):
         portable_kbit.prepare(model, target_modules=TARGETS, tf32=True)
@@ -66,7 +52,7 @@ def test_refused_before_any_change_where_the_device_has_no_tf32(restore_setting)
 
 
 def test_on_sets_torchs_setting_and_a_repeat_without_it_puts_it_back(tf32_standin):
-    model = llama()
+    model = tiny_llama()
     portable_kbit.prepare(model, target_modules=TARGETS, tf32=True)
     assert setting() == Tf32Matmuls.ON
     report = portable_kbit.report(model)
@@ -79,7 +65,7 @@ def test_on_sets_torchs_setting_and_a_repeat_without_it_puts_it_back(tf32_standi
 
 def test_off_leaves_a_users_setting_alone(tf32_standin):
     setattr(torch.backends.cuda.matmul, SETTING, Tf32Matmuls.ON)  # the user's own choice, before prepare()
-    model = llama()
+    model = tiny_llama()
     portable_kbit.prepare(model, target_modules=TARGETS, tf32=True)
     portable_kbit.prepare(model, target_modules=TARGETS)
     assert setting() == Tf32Matmuls.ON  # what tf32=True found is what the repeat puts back
@@ -90,7 +76,7 @@ def test_a_failure_after_the_setting_puts_it_back(tf32_standin, monkeypatch):
         raise RuntimeError("injected after the TF32 setting")
 
     monkeypatch.setattr(prepare_module, "finish_on_devices", fail)
-    model = llama()
+    model = tiny_llama()
     before = model_state.take(model)
     with pytest.raises(RuntimeError, match="injected"):
         portable_kbit.prepare(model, target_modules=TARGETS, tf32=True)
@@ -120,7 +106,7 @@ def test_a_step_with_tf32_trains_like_fp32(backend, device, restore_setting):
         pytest.skip(f"{why_not} (the stand-in tests cover the setting)")
     results = []
     for tf32 in (False, True):
-        model = llama().to(device)
+        model = tiny_llama().to(device)
         portable_kbit.prepare(model, target_modules=TARGETS, tf32=tf32)
         assert (setting() == Tf32Matmuls.ON) == tf32
         torch.manual_seed(5)
