@@ -101,6 +101,17 @@ def test_small_tensors_and_parameters_stay_on_the_device():
     assert torch.equal(offload.unpack(packed), big) and offload.offloaded == 1
 
 
+def test_the_checkpoints_empty_placeholder_is_small_not_on_another_device():
+    """torch's non-reentrant checkpoint (up to 2.12) saves a 0-element CPU placeholder beside each layer's inputs:
+    on a GPU the report counted it as "on another device", once per layer and step (run 7 on the H100)."""
+    offload = CheckpointOffload(torch.device("cuda:0"), min_bytes=0)  # nothing of CUDA's runs for kept tensors
+    placeholder = torch.empty((0,), requires_grad=True)
+    assert offload.pack(placeholder) is placeholder
+    host_tensor = torch.zeros(1 << 19)
+    assert offload.pack(host_tensor) is host_tensor
+    assert offload.kept == {"smaller than a copy is worth": 1, "on another device": 1} and offload.offloaded == 0
+
+
 def test_the_forecasts_fake_step_runs_the_hooks_without_counting():
     """Under FakeTensorMode (memory/forecast.py's fake step) a saved input leaves as a fake host copy and comes back
     as a fake device tensor, so the forecast sees it leave the device; the report counts real steps only."""

@@ -124,13 +124,15 @@ class CheckpointOffload:
     # ---- inside ---------------------------------------------------------------------------------------------------
 
     def _why_kept(self, tensor: torch.Tensor) -> str | None:
+        # size first: torch's non-reentrant checkpoint saves its inputs beside an empty CPU placeholder (its
+        # _NoopSaveInputs' dummy), one per layer call, which is no "tensor on another device" worth reporting
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes < max(self.min_bytes, 1):
+            return "smaller than a copy is worth"
         if tensor.device != self.device and not (tensor.device.type == self.device.type and self.device.index is None):
             return "on another device"
         if isinstance(tensor, torch.nn.Parameter) or not (type(tensor) is torch.Tensor or is_fake(tensor)):
             return "a parameter or a tensor subclass"
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < self.min_bytes:
-            return "smaller than a copy is worth"
         # a fake step's copies take no host memory: count them as a real step's would, so the forecast keeps on the
         # device what a real step would keep there once the host runs short
         pending = self._fake_host_bytes if is_fake(tensor) else 0
