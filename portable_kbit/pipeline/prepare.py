@@ -229,7 +229,7 @@ def prepare(
             block_calls,
             offload[1],
             offloaded,
-            matmuls[1] if tf32_setting is None else f"{matmuls[1]} ({tf32_setting.describe()})",
+            (tf32_setting is not None, matmuls[1] + (f" ({tf32_setting.describe()})" if tf32_setting else "")),
         )
     remember(model, PrepState(report, transaction.patches, checkpointing))
     return model

@@ -31,7 +31,7 @@ def build_report(
     block_calls: BlockedCalls | None = None,
     offload_reason: str = "",
     offload: CheckpointOffload | None = None,
-    tf32_reason: str = "tf32=False",
+    tf32: tuple[bool, str] = (False, "tf32=False"),
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
@@ -79,8 +79,8 @@ def build_report(
         offload_checkpoints=offload is not None,
         offload_reason=offload_reason,
         offload=offload,
-        tf32=tf32_reason.startswith("on"),
-        tf32_reason=tf32_reason,
+        tf32=tf32[0],
+        tf32_reason=tf32[1],
         **_blocks_report(blocks_plan, block_calls),
         devices=devices,
     )
