@@ -145,7 +145,11 @@ def main() -> None:
     from portable_kbit.tools.presets import versions
 
     model = build(args.layers, args.activations, args.preset)
+    import portable_kbit
+
+    prepared = portable_kbit.report(model.get_base_model())
     record = {"preset": args.preset, "activations": args.activations, "layers": args.layers}
+    record["blocked_norms"] = len(prepared.blocked_norms) if prepared is not None else None
     record.update(breakdown(model, args.seq_len))
     record.update(date=time.strftime("%Y-%m-%d"), versions=versions())
     print(

@@ -143,6 +143,12 @@ def test_blocked_step_equals_plain(case):
     assert done.token_blocks == BLOCK and done.token_blocks_source == "argument"
     assert done.blocked_head == "lm_head"
     assert done.blocked_mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    # every norm of the hidden states runs in blocks too, each call (the layers' twice: forward and recompute)
+    assert {"model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"} <= set(
+        done.blocked_norms
+    )
+    norm_calls = calls(blocked[2])["norms"]
+    assert norm_calls["blocked"] >= len(done.blocked_norms) and not norm_calls["whole"], norm_calls
     if arch == "gemma2":  # the soft-capping, found by behaviour, replayed on each block
         assert done.logit_transform == ["div", "tanh", "mul"]
     assert blocked[0].logits is None and plain[0].logits is not None
@@ -447,6 +453,41 @@ def test_memory_saved_at_4096_tokens(what, overrides, full_bytes):
     message = f"{what}: peak {peaks[None] / MiB:.0f} MiB plain, {peaks[1024] / MiB:.0f} MiB in 1024-token blocks"
     assert saved >= 2 * full_bytes, message  # at least two full-length temporaries never exist
     print(message)
+
+
+def test_norms_in_blocks_keep_their_fp32_temporaries_to_a_block(monkeypatch):
+    """An RMSNorm computes in fp32 whatever its dtype, and its backward makes several full-length fp32 temporaries
+    (the peak of a long step, benchmarks/peak_breakdown.py): in blocks they exist for one block at a time."""
+    from portable_kbit.patches.token_blocks import plan as blocks_plan
+
+    torch.manual_seed(0)  # bf16 hidden states (native): the norms' fp32 temporaries are the peak's largest part
+    model = transformers.AutoModelForCausalLM.from_config(
+        config("llama", num_hidden_layers=2, hidden_size=512, intermediate_size=64, vocab_size=256),
+        dtype=torch.bfloat16,
+    )
+    inputs = {"input_ids": torch.randint(0, 256, (1, 4096))}
+    inputs["labels"] = inputs["input_ids"]
+    peaks, losses = {}, {}
+    for blocked_norms in (False, True):
+        prepared = copy.deepcopy(model)
+        with pytest.MonkeyPatch.context() as patch:
+            if not blocked_norms:
+                patch.setattr(blocks_plan, "_plain_norm", lambda module, hidden: False)
+            portable_kbit.prepare(
+                prepared,
+                target_modules=TARGETS,
+                activations="native",
+                token_blocks=1024,
+                gradient_checkpointing_kwargs=CHECKPOINTING,
+            )
+        assert bool(portable_kbit.report(prepared).blocked_norms) == blocked_norms
+        prepared = get_peft_model(prepared, LoraConfig(r=4, target_modules=TARGETS))
+        prepared.train()
+        peaks[blocked_norms] = peak_bytes(prepared, inputs)
+        losses[blocked_norms] = prepared(**inputs).loss.item()
+    full = 4096 * 512 * 4  # one full-length fp32 [tokens, hidden] tensor
+    assert peaks[False] - peaks[True] >= 2 * full, (peaks[False] / MiB, peaks[True] / MiB)
+    assert losses[True] == losses[False]  # the same forward, block by block
 
 
 def test_backend_block_size():

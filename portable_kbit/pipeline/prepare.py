@@ -20,6 +20,7 @@ from ..memory.snapshots import MemorySnapshot
 from ..model.hf import hf_model, input_embeddings, is_peft_model
 from ..model.index import ModelIndex
 from ..model.layers import checkpointed_layers, in_every_layer
+from ..model.norms import norm_names
 from ..model.trace import Trace, trace
 from ..patches import adapter_casts, attention, dtype_flow
 from ..patches.hub_kernels import follow_kernelization
@@ -132,9 +133,10 @@ def prepare(
         token_blocks: long sequences in less memory. ``"auto"``: when the model is trained through its forward
             with ``labels`` (training mode), the output head and the loss run in blocks of the backend's block size
             over the tokens, each recomputed in backward, so that the ``[tokens, vocab]`` logits never exist at full
-            length (``outputs.logits`` is then None); each decoder layer's MLP does the same in training mode. Only
-            calls longer than one block are blocked; those pay one more forward of the head, and of each MLP except a
-            plain one under non-reentrant checkpointing (docs/long-sequences.md). An
+            length (``outputs.logits`` is then None); each decoder layer's MLP, and each norm of the hidden states,
+            does the same in training mode. Only calls longer than one block are blocked; those pay one more forward
+            of the head, of each norm, and of each MLP except a plain one under non-reentrant checkpointing
+            (docs/long-sequences.md). An
             int: that many tokens per block. None (default): off. ``portable_kbit.report(model)`` says what was
             blocked, and what was left alone and why; its ``token_block_calls`` count, as training runs, the calls
             run in blocks and those run whole, with the reason.
@@ -180,7 +182,7 @@ def prepare(
     started = time.perf_counter()
 
     changes, found = planned_changes(model, upcast, target_modules, frozen_norms, token_blocks, index)
-    blocks_plan = plan_token_blocks(model, found, token_blocks, targets[0], befores[0])
+    blocks_plan = plan_token_blocks(model, found, token_blocks, targets[0], befores[0], index)
     offload = decide_offload(offload_checkpoints, target, befores[0].host_available, use_gradient_checkpointing)
     matmuls = decide_tf32(tf32, target, activations)
     moved = model_bytes(model) if move_to is not None else 0
@@ -279,14 +281,20 @@ def trace_once(
 
 
 def plan_token_blocks(
-    model: nn.Module, found: Trace | None, token_blocks: int | str | None, target: Target, before: MemorySnapshot
+    model: nn.Module,
+    found: Trace | None,
+    token_blocks: int | str | None,
+    target: Target,
+    before: MemorySnapshot,
+    index: ModelIndex,
 ) -> token_blocks_plan.BlocksPlan | None:
-    """What token blocks will cover (from the trace) and the block size: the argument, or the backend's for "auto"
-    (shrunk under memory pressure). Refuses an explicit size for a model whose head and loss cannot be blocked."""
+    """What token blocks will cover (from the trace, and the model's norms) and the block size: the argument, or the
+    backend's for "auto" (shrunk under memory pressure). Refuses an explicit size for a model whose head and loss
+    cannot be blocked."""
     if token_blocks is None or found is None:
         return None
-
-    return token_blocks_plan.build(model, found, token_blocks, target.backend, before.headroom, before.unified)
+    norms = {name: index.modules[name] for name in norm_names(index)}
+    return token_blocks_plan.build(model, found, token_blocks, target.backend, before.headroom, before.unified, norms)
 
 
 # ---- the changes (inside the transaction) ---------------------------------------------------------------------------

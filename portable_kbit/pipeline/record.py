@@ -97,6 +97,7 @@ def _blocks_report(blocks_plan: token_blocks_plan.BlocksPlan | None, calls: Bloc
         "blocked_head": blocks_plan.head_name if blocks_plan.head is not None else None,
         "logit_transform": blocks_plan.transform.describe() if blocks_plan.transform is not None else [],
         "blocked_mlps": list(blocks_plan.mlps),
+        "blocked_norms": list(blocks_plan.norms),
         "not_blocked": dict(blocks_plan.left_alone),
         "token_block_calls": calls,
     }

@@ -104,6 +104,7 @@ class PrepReport:
     blocked_head: str | None = None  # the output head whose logits and loss run in blocks (None: not blocked)
     logit_transform: list[str] = dataclasses.field(default_factory=list)  # ops between head and loss, per block
     blocked_mlps: list[str] = dataclasses.field(default_factory=list)  # MLP modules that run in blocks
+    blocked_norms: list[str] = dataclasses.field(default_factory=list)  # fp32 norms that run in blocks
     not_blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # module (or layer pattern) -> why not
     # live: how the calls since prepare() ran, per part, blocked or whole with the reason (None: no token blocks)
     token_block_calls: BlockedCalls | None = None
@@ -192,7 +193,7 @@ class PrepReport:
                 mlp_size += f" (calls of up to {self.mlp_whole_up_to} tokens whole)"
             lines.append(
                 f"  token blocks of {self.token_blocks} tokens ({self.token_blocks_source}): {head}{transform}, "
-                f"{len(self.blocked_mlps)} MLPs{mlp_size}"
+                f"{len(self.blocked_mlps)} MLPs{mlp_size}, {len(self.blocked_norms)} fp32 norms"
             )
             lines += [f"  not blocked: {name}: {why}" for name, why in self.not_blocked.items()]
             if self.token_block_calls is not None:

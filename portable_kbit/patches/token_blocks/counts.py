@@ -8,6 +8,7 @@ from typing import Any
 #: the parts token blocks cover
 HEAD_AND_LOSS = "head and loss"
 MLPS = "MLPs"
+NORMS = "norms"
 
 
 class BlockedCalls:

@@ -161,10 +161,16 @@ def as_one_function(module: nn.Module, candidate: MlpCandidate) -> bool:
 
 
 def blocked_forward(
-    module: nn.Module, size: int, candidate: MlpCandidate, counts: BlockedCalls, whole_up_to: int = 0
+    module: nn.Module,
+    size: int,
+    candidate: MlpCandidate,
+    counts: BlockedCalls,
+    whole_up_to: int = 0,
+    part: str = MLPS,
 ) -> Callable[[Forward], Forward]:
-    """The MLP's forward over blocks of `size` tokens, around `inner` (what it replaces); a call of up to
-    `whole_up_to` tokens runs whole. Each call counted, blocked or whole with the reason."""
+    """The MLP's (or another position-wise module's) forward over blocks of `size` tokens, around `inner` (what it
+    replaces); a call of up to `whole_up_to` tokens runs whole. Each call counted under `part`, blocked or whole with
+    the reason."""
 
     one_function = as_one_function(module, candidate)
 
@@ -177,9 +183,9 @@ def blocked_forward(
                 return inner(x, *args, **kwargs)
             reason = _why_whole(module, size, whole_up_to, x, args, kwargs)
             if reason is not None:
-                counts.ran_whole(MLPS, reason)
+                counts.ran_whole(part, reason)
                 return inner(x, *args, **kwargs)
-            counts.ran_blocked(MLPS)
+            counts.ran_blocked(part)
             width = x.shape[-1]
             flat = x.reshape(-1, width)
             if one_function and torch.is_grad_enabled():

@@ -15,7 +15,7 @@ from ...model.layers import layer_pattern, same_kind
 from ...model.logit_transform import LogitTransform
 from ...model.trace import MlpCandidate, Trace
 from ..protocol import InstanceForward, Patch
-from .counts import BlockedCalls
+from .counts import NORMS, BlockedCalls
 from .head_loss import HeadAndLoss
 from .mlp import blocked_forward, collector_var
 
@@ -44,15 +44,25 @@ class BlocksPlan:
     transform: LogitTransform | None
     mlps: dict[str, MlpCandidate]  # name -> how to block it
     left_alone: dict[str, str]  # name or part -> why
-    mlp_size: int  # tokens per block of the MLPs
+    mlp_size: int  # tokens per block of the MLPs (and of the norms)
     mlp_whole_up_to: int  # MLP calls of up to this many tokens run whole (0: only those of one block or fewer)
+    #: the norms over the hidden width, by name: blocked as the MLPs are, so that their temporaries (fp32 in most:
+    #: RMSNorm computes in fp32 whatever its dtype) exist for one block at a time, in backward too
+    norms: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def build(
-    model: nn.Module, found: Trace, token_blocks: int | str, backend: Backend, headroom: int | None, unified: bool
+    model: nn.Module,
+    found: Trace,
+    token_blocks: int | str,
+    backend: Backend,
+    headroom: int | None,
+    unified: bool,
+    norms: dict[str, nn.Module] | None = None,
 ) -> BlocksPlan:
     """Decide what to block from the trace. For "auto", the backend's block sizes for the head and for the MLPs
-    (shrunk under memory pressure: `headroom`), and up to how many tokens an MLP call runs whole.
+    (shrunk under memory pressure: `headroom`), and up to how many tokens an MLP call runs whole. `norms`: the
+    model's norms; those over the hidden width that are plain modules with one weight run in blocks too.
 
     Raises ValueError (before any change) when an explicit block size is asked for and the model's head and loss
     cannot be blocked: its logits go through a transform that cannot be replayed on blocks, or the trace failed.
@@ -99,7 +109,9 @@ def build(
             if mlp_block == backend.token_block_size(max(mlp_widths), None, unified, hidden):  # not under pressure
                 mlp_whole = backend.mlp_whole_up_to(hidden, unified)
     transform = found.transform if head else None
-    return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block, mlp_whole)
+    width = _hidden_width(base, mlps) if mlps else getattr(getattr(base, "config", None), "hidden_size", None)
+    blocked_norms = {name: norm for name, norm in (norms or {}).items() if _plain_norm(norm, width)}
+    return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block, mlp_whole, blocked_norms)
 
 
 def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Patch]:
@@ -119,7 +131,27 @@ def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Pa
                 blocked_forward(candidate.module, plan.mlp_size, candidate, counts, plan.mlp_whole_up_to),
             )
         )
+    for norm in plan.norms.values():
+        # a norm is position-wise, as an MLP: its fp32 temporaries (and, in backward, those of its gradient) for one
+        # block at a time, its forward run once more in backward
+        candidate = MlpCandidate(norm, (), 0)
+        out.append(
+            InstanceForward(norm, blocked_forward(norm, plan.mlp_size, candidate, counts, plan.mlp_whole_up_to, NORMS))
+        )
     return out
+
+
+def _plain_norm(module: nn.Module, hidden: int | None) -> bool:
+    """A leaf module with one weight of the hidden width that normalizes over the last dimension (RMSNorm, LayerNorm
+    of the hidden states): what the blocks can run row by row. Not a norm of each head (q_norm: rows of heads x tokens
+    would make blocks of a fraction of the tokens), nor torch's norms over channels (batch, group, instance norms)."""
+    if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)):
+        return False
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return False
+    weight = getattr(module, "weight", None)
+    plain = not any(True for _ in module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    return plain and isinstance(weight, torch.Tensor) and weight.numel() == hidden
 
 
 def recorded_classes(model: nn.Module) -> tuple[tuple[type, ...], tuple[str, ...]]:
