@@ -134,6 +134,17 @@ def breakdown(model: Any, seq_len: int) -> dict[str, Any]:
     }
 
 
+def _commit() -> str | None:
+    """The checkout's commit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=32768)
@@ -151,7 +162,7 @@ def main() -> None:
     record = {"preset": args.preset, "activations": args.activations, "layers": args.layers}
     record["blocked_norms"] = len(prepared.blocked_norms) if prepared is not None else None
     record.update(breakdown(model, args.seq_len))
-    record.update(date=time.strftime("%Y-%m-%d"), versions=versions())
+    record.update(date=time.strftime("%Y-%m-%d"), versions=versions(), commit=_commit())
     print(
         f"{args.activations}, {args.seq_len} tokens, {args.layers} layers: peak {record['peak_mib']} MiB "
         f"({record['snapshot_phase']}), of which made in the step {record['made_in_step_mib']} MiB"

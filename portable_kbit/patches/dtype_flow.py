@@ -161,7 +161,9 @@ def _compute_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 class UpcastNormFlow:
-    """Hooks for one upcast norm: input cast to the dtype it computes in, output cast to the flow dtype.
+    """One upcast norm's casts: input to the dtype it computes in, output to the flow dtype; inside its forward
+    (``around``), so that a norm run in token blocks casts one block at a time (its input's fp32 copy at full length
+    was a large part of a long step's peak).
 
     The compute dtype is fp32 for a norm computed in fp32 at call time, else (None) its weight's dtype at call time
     (fp32 once its parameters were cast).
@@ -183,6 +185,20 @@ class UpcastNormFlow:
         if y is None or not y.is_floating_point() or y.dtype == self.flow_dtype:
             return None
         return replace_first(output, y.to(self.flow_dtype))
+
+    def around(self, module: nn.Module) -> Callable[[Forward], Forward]:
+        """The norm's forward with both casts (``before`` on its positional arguments, ``after`` on its output)."""
+
+        def make(inner: Forward) -> Forward:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                cast = self.before(module, args)
+                output = inner(*(args if cast is None else cast), **kwargs)
+                out = self.after(module, args, output)
+                return output if out is None else out
+
+            return forward
+
+        return make
 
 
 def _consumer_dtype(module: nn.Module) -> torch.dtype | None:
@@ -250,6 +266,14 @@ def computes_in(dtype: torch.dtype) -> Callable[[Forward], Forward]:
     return make
 
 
+ForwardMaker = Callable[[Forward], Forward]
+
+
+def _composed(outer: ForwardMaker, inner: ForwardMaker) -> ForwardMaker:
+    """Two forward makers as one: `outer` around `inner` around the forward they replace."""
+    return lambda previous: outer(inner(previous))
+
+
 def install(
     upcast_norms: dict[nn.Module, torch.dtype],
     consumers: list[nn.Module],
@@ -284,9 +308,11 @@ def install(
         in_fp32 = id(norm) in compute
         hands_fp32 = fp32_inside and (in_layers is None or id(norm) in in_layers)
         flow = UpcastNormFlow(torch.float32 if hands_fp32 else original_dtype, torch.float32 if in_fp32 else None)
-        patches += [Hook(norm, flow.before, pre=True), Hook(norm, flow.after, pre=False)]
-        if in_fp32:
-            patches.append(InstanceForward(norm, fp32_compute_forward(norm)))
+        around = flow.around(norm)
+        if in_fp32:  # one instance forward: the casts around the fp32 computation from the half-precision weights
+            patches.append(InstanceForward(norm, _composed(around, fp32_compute_forward(norm))))
+        else:
+            patches.append(InstanceForward(norm, around))
     if fp32_inside and activations in FP32_STREAMS and input_embeddings is not None:
         patches.append(Hook(input_embeddings, _embedding_output_to_fp32, pre=False))
     if fp32_inside and activations == "layer":
