@@ -3,7 +3,8 @@ op by op) or real (the allocator's peak): forward with labels, backward, an Adam
 
 The fake steps run a sample of the decoder layers where they are identical: a step's peak is affine in the number of
 identical layers (each adds its weights, its saved input or activations, its adapters' gradients and optimizer state
-at the same rate), so steps with 2 and 3 x `period` layers give it for all of them (from 2 on: see SAMPLED_PERIODS).
+at the same rate), so steps with a few periods of layers give it for all of them, once the growth per period has
+settled (FIRST_PERIODS, SETTLED).
 """
 
 from __future__ import annotations

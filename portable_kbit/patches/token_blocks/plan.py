@@ -109,7 +109,7 @@ def build(
             if mlp_block == backend.token_block_size(max(mlp_widths), None, unified, hidden):  # not under pressure
                 mlp_whole = backend.mlp_whole_up_to(hidden, unified)
     transform = found.transform if head else None
-    width = _hidden_width(base, mlps) if mlps else getattr(getattr(base, "config", None), "hidden_size", None)
+    width = _hidden_width(base, mlps)
     blocked_norms = {name: norm for name, norm in (norms or {}).items() if _plain_norm(norm, width)}
     return BlocksPlan(block, source, head, head_name, transform, mlps, left_alone, mlp_block, mlp_whole, blocked_norms)
 
@@ -141,7 +141,7 @@ def patches(model: nn.Module, plan: BlocksPlan, counts: BlockedCalls) -> list[Pa
     return out
 
 
-def _plain_norm(module: nn.Module, hidden: int | None) -> bool:
+def _plain_norm(module: nn.Module, hidden: int) -> bool:
     """A leaf module with one weight of the hidden width that normalizes over the last dimension (RMSNorm, LayerNorm
     of the hidden states): what the blocks can run row by row. Not a norm of each head (q_norm: rows of heads x tokens
     would make blocks of a fraction of the tokens), nor torch's norms over channels (batch, group, instance norms)."""
@@ -150,8 +150,9 @@ def _plain_norm(module: nn.Module, hidden: int | None) -> bool:
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
         return False
     weight = getattr(module, "weight", None)
-    plain = not any(True for _ in module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1
-    return plain and isinstance(weight, torch.Tensor) and weight.numel() == hidden
+    if not isinstance(weight, torch.Tensor) or any(True for _ in module.children()):
+        return False
+    return weight.dim() == 1 and weight.numel() == hidden
 
 
 def recorded_classes(model: nn.Module) -> tuple[tuple[type, ...], tuple[str, ...]]:
@@ -235,14 +236,16 @@ def _expand_mlps(
 
 
 def _hidden_width(model: nn.Module, mlps: dict[str, MlpCandidate]) -> int:
-    """The MLPs' input width: the config's hidden size, else the first MLP's first layer's input features."""
+    """The hidden width: the config's hidden size, else the first MLP's first layer's input features (1: unknown)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(hidden, int):
         return hidden
-    for module in next(iter(mlps.values())).module.modules():
-        width = getattr(module, "in_features", None)
-        if isinstance(width, int):
-            return width
+    for candidate in mlps.values():
+        for module in candidate.module.modules():
+            width = getattr(module, "in_features", None)
+            if isinstance(width, int):
+                return width
+        break
     return 1
 
 
