@@ -199,6 +199,12 @@ class Backend:
         """None where fp32 matmuls on `device` can run on TF32 tensor cores (prepare(tf32=True)), else why not."""
         return f"{self.name} has no TF32 matmuls (fp32 matmuls here are IEEE fp32)"
 
+    def why_no_fp32_from_bf16(self, device: torch.device) -> str | None:
+        """None where an fp32 matmul with a bf16 weight (lm_head's in the fp32 flows) should run as three bf16
+        matmuls that write fp32 (patches/fp32_compute.py: the same product, on half-precision hardware), else why
+        not: the weight is then upcast block by block and multiplied in fp32."""
+        return f"{self.name}: not measured here (fp32 matmuls)"
+
     def offload_stream(self, device: torch.device) -> object | None:
         """A side stream for the copies between the device and the host (None: they run in line)."""
         return None

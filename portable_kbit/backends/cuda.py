@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -12,6 +13,18 @@ import torch
 from ..constants import MiB
 from .base import AllocatorStats, Backend, accelerator_function, probe
 from .sdpa import real_tensors_for_fake
+
+
+@functools.cache
+def bf16_matmul_writes_fp32(index: int) -> str | None:
+    """None where ``torch.mm`` of two bf16 matrices on CUDA device `index` can write its fp32 accumulator
+    (``out_dtype``, torch 2.8 and later), else what the probe call raised. Asked once per device."""
+    probe_input = torch.ones(2, 2, dtype=torch.bfloat16, device=torch.device("cuda", index))
+    try:
+        torch.mm(probe_input, probe_input, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        return f"this torch's bf16 matmuls cannot write fp32 ({type(error).__name__}: {str(error)[:80]})"
+    return None
 
 
 class CudaBackend(Backend):
@@ -112,6 +125,13 @@ class CudaBackend(Backend):
         if major < 8:  # TF32 tensor cores came with Ampere (compute capability 8.0)
             return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no TF32"
         return None
+
+    def why_no_fp32_from_bf16(self, device: torch.device) -> str | None:
+        index = self._index(device)
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:  # bf16 tensor cores came with Ampere
+            return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no bf16 tensor cores"
+        return bf16_matmul_writes_fp32(index)
 
     def offload_stream(self, device: torch.device) -> object | None:
         return torch.cuda.Stream(device=self._index(device))

@@ -35,6 +35,10 @@ class RocmBackend(CudaBackend):
         # measured here, so not offered
         return "rocm: TF32 matmuls are not offered on AMD GPUs (not measured on one)"
 
+    def why_no_fp32_from_bf16(self, device: torch.device) -> str | None:
+        # hipBLAS(Lt) may well write fp32 from bf16, and AMD's fp32 matrix cores change the trade; not measured
+        return "rocm: lm_head's fp32 products stay fp32 matmuls on AMD GPUs (three bf16 matmuls not measured on one)"
+
     def allocator_stats(self, device: torch.device) -> AllocatorStats:
         stats = super().allocator_stats(device)
         if self.is_unified(device):

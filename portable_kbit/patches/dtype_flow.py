@@ -284,13 +284,15 @@ def install(
     layers: Sequence[nn.Module] = (),
     fallback_consumers: Sequence[nn.Module] = (),
     half_modules: Sequence[nn.Module] = (),
+    bf16_parts_matmuls: bool = False,
 ) -> list[Patch]:
     """The dtype flow's patches, in the order to apply them (removed newest first, they restore the originals).
 
     Norms in `compute_norms` compute in fp32 at call time from their half-precision parameters. With "fp32"
     activations the embedding output is fp32 too (as with peft, whose embedding weight is fp32: the residual stream
     and the rotary cos/sin follow its dtype), and a frozen half-precision nn.Linear consumer (lm_head) computes in fp32
-    block by block instead of rounding its input and output to bf16. With "layer" activations the upcast norms hand
+    block by block instead of rounding its input and output to bf16 (`bf16_parts_matmuls`: from bf16 matmuls that
+    write fp32, see fp32_compute.py). With "layer" activations the upcast norms hand
     fp32 on inside each checkpointed layer (`layers`), whose output is cast back to the model's dtype: the stream
     between layers and the checkpointed layer inputs stay half precision (each layer computes as in "fp32" mode: its
     inputs are cast to fp32 inside its checkpoint); lm_head computes in fp32 as in "fp32" mode. With "mixed"
@@ -322,7 +324,9 @@ def install(
     for module in consumers:
         if fp32_inside and computes_in_fp32(module):
             cast_input = activations == "layer"
-            patches.append(InstanceForward(module, fp32_linear_forward(module, chunk_bytes, cast_input)))
+            patches.append(
+                InstanceForward(module, fp32_linear_forward(module, chunk_bytes, cast_input, bf16_parts_matmuls))
+            )
             continue
         guard = InputDtypeGuard()
         patches.append(Hook(module, guard.before, pre=True, with_kwargs=True))

@@ -200,7 +200,7 @@ def prepare(
         freeze_base_weights(model, index)
         cast_in_chunks(shares, transaction.journal)
         chunk = smallest_chunk(shares).chunk_bytes
-        guarded = add_dtype_flow(model, index, changes, found, activations, chunk, transaction)
+        guarded = add_dtype_flow(model, index, changes, found, activations, chunk, target, transaction)
         attention_choice = switch_attention(model, index, target, activations, upcast, had_fp32_attention, transaction)
         block_calls = add_token_blocks(model, blocks_plan, transaction)
         transaction.patches.apply(adapter_casts.ShareAdapterCasts(index.modules.values()))  # one cast per input
@@ -370,9 +370,11 @@ def add_dtype_flow(
     found: Trace | None,
     activations: str,
     chunk_bytes: int,
+    target: Target,
     transaction: Transaction,
 ) -> int:
-    """The dtype flow's patches (patches/dtype_flow.py); returns how many consumers got an input cast."""
+    """The dtype flow's patches (patches/dtype_flow.py); returns how many consumers got an input cast. lm_head's fp32
+    products run from bf16 matmuls where `target`'s backend says they should."""
     norms = {index.modules[name]: dtype for name, dtype in changes.upcast_norms.items()}
     compute_norms = [index.modules[name] for name in changes.compute_norms]
     skip = adapters.adapter_submodules(index) | {id(m) for m in norms}
@@ -391,6 +393,7 @@ def add_dtype_flow(
             layers,
             fallbacks,
             half_modules,
+            target.backend.why_no_fp32_from_bf16(target.device) is None,
         )
     )
     return len(consumers) + len(fallbacks)
