@@ -75,6 +75,12 @@ def test_the_cuda_backend_asks_the_device_and_rocm_and_the_cpu_say_why_not(monke
     asked = []
     monkeypatch.setattr("portable_kbit.backends.cuda.bf16_matmul_writes_fp32", lambda index: asked.append(index))
     assert backend.why_no_fp32_from_bf16(torch.device("cuda:0")) is None and asked == [0]
+
+    def no_cuda(index=None):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda)  # a stand-in device: a reason, not an error
+    assert "compute capability unknown" in backend.why_no_fp32_from_bf16(torch.device("cuda:0"))
     assert "not measured" in RocmBackend().why_no_fp32_from_bf16(torch.device("cuda:0"))
     assert "not measured" in backends.resolve("cpu").backend.why_no_fp32_from_bf16(torch.device("cpu"))
 

@@ -22,7 +22,7 @@ def bf16_matmul_writes_fp32(index: int) -> str | None:
     probe_input = torch.ones(2, 2, dtype=torch.bfloat16, device=torch.device("cuda", index))
     try:
         torch.mm(probe_input, probe_input, out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError) as error:
+    except (RuntimeError, TypeError, NotImplementedError, AssertionError) as error:
         return f"this torch's bf16 matmuls cannot write fp32 ({type(error).__name__}: {str(error)[:80]})"
     return None
 
@@ -128,7 +128,10 @@ class CudaBackend(Backend):
 
     def why_no_fp32_from_bf16(self, device: torch.device) -> str | None:
         index = self._index(device)
-        major, minor = torch.cuda.get_device_capability(index)
+        try:
+            major, minor = torch.cuda.get_device_capability(index)
+        except (RuntimeError, AssertionError) as error:  # a device torch cannot ask (a stand-in, a lost context)
+            return f"cuda: compute capability unknown ({error})"
         if major < 8:  # bf16 tensor cores came with Ampere
             return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no bf16 tensor cores"
         return bf16_matmul_writes_fp32(index)
