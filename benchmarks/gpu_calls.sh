@@ -2,7 +2,7 @@
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
 # benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10;
 # runs 11 and 12 ran (benchmarks/results/h100/run11, run12); runs 14 and 13 are next (`CALL=14 END=560`, then
-# `CALL=13 END=480`).
+# `CALL=13 END=260` on the warm machine).
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -129,28 +129,32 @@ case "$CALL" in
     wait_until 10
     cat "$O"/tf32/long_sequences.md; grep -h "gap to peft\|peft's curve" "$O/curves_tf32_progressions.log"
     ;;
-13) # after run 14: alone, the 4096-token step of native, mixed, fp32 and mixed + TF32, three rounds in turn (is
-    # mixed within 1.15x of native with lm_head from bf16 parts: run 10 said 1.15x, run 12 1.19x before them)
+13) # after run 14, on the warm machine: alone, the 4096-token step of native and mixed, three rounds in turn (is mixed
+    # within 1.15x of native with lm_head from bf16 parts: run 10 said 1.15x, run 12 1.19x before them), then fp32
     $B "$O" install preset
     for round in 1 2 3; do
-        TIME_STEPS=5 TIME_DIR=modes-$round TIME_VARIANTS=native,mixed,fp32,mixed+tf32 timeout 150 $B "$O" time
+        TIME_STEPS=5 TIME_DIR=modes-$round TIME_VARIANTS=native,mixed timeout 90 $B "$O" time
     done
+    TIME_STEPS=5 TIME_DIR=modes-fp32 TIME_VARIANTS=fp32 timeout $(left) $B "$O" time
     cat "$O"/modes-*/long_sequences.md
     ;;
 14) # next: lm_head from bf16 parts checked and timed; then the 12 and 16 GiB fits again with the norms in token
-    # blocks (0142a41), unsloth's lengths and 1.5x them (the aim), beside `fit`'s forecasts of the same code (layers sampled until their growth settles, 68854c9); two
-    # processes per cap at a time (the caps must fit the GPU together), the forecasts meanwhile
+    # blocks (0142a41), beside `fit`'s forecasts of the same code (layers sampled until their growth settles, 68854c9)
     $B "$O" install preset-llama
     # first, alone: lm_head from bf16 parts on the GPU (the tests, then its time and error against fp32 and TF32)
     python3 -m pytest -q -p no:cacheprovider tests/test_fp32_from_bf16.py > "$O/pytest_fp32_from_bf16.log" 2>&1
     tail -n 3 "$O/pytest_fp32_from_bf16.log"
     timeout 60 python3 benchmarks/head_matmuls.py --device cuda --tokens 4096,8192 --out "$O/head_matmuls.jsonl" \
         > "$O/head_matmuls.log" 2>&1; cut -c1-160 "$O/head_matmuls.log"
-    (FIT_JOBS=2 FIT_LENGTHS=21848,32768 $B "$O" consumer-fit-12) & PS=$!
-    (FIT_JOBS=2 FIT_LENGTHS=40724,61086 $B "$O" consumer-fit-16) & PS="$PS $!"
-    forecasts 21848,32768,40724,61086
+    # one process per configuration and cap (a fit of the 8B shape takes minutes): native tries the aim under 12 GiB
+    # after unsloth's length; fp32 under 12 GiB and both under 16 GiB only unsloth's lengths (the call's time)
+    (FIT_JOBS=1 FIT_SUFFIX=-native FIT_LENGTHS=21848,32768 FIT_VARIANTS=native+blocks+offload \
+        $B "$O" consumer-fit-12) & PS=$!
+    (FIT_JOBS=1 FIT_SUFFIX=-fp32 FIT_LENGTHS=21848 FIT_VARIANTS=fp32+blocks+offload $B "$O" consumer-fit-12) & PS="$PS $!"
+    (FIT_JOBS=2 FIT_LENGTHS=40724 $B "$O" consumer-fit-16) & PS="$PS $!"
+    forecasts 21848,32768,40724
     wait_until 10
-    for d in fit12 fit16; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
+    for d in fit12-native fit12-fp32 fit16; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 6 "$O"/fit-forecast-*.log
     ;;
 esac
