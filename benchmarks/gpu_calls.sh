@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU calls of 2026-12-07: run 7 ran (CALL=7 END=500 PROFILE=0), run 9 ran short (SHORT=1; results in
 # benchmarks/results/h100/run7 and run9); run 8 ran on 2026-12-07 (run10: what run 9's full form adds), then run 10;
-# runs 11 and 12 ran (benchmarks/results/h100/run11, run12); runs 14 and 13 are next (`CALL=14 END=560`, then
-# `CALL=13 END=260` on the warm machine).
+# runs 11 and 12 ran (benchmarks/results/h100/run11, run12); runs 14 and 13 ran (run14, run13; runs 15 and 16 were
+# loss_curves.py commands typed in the call, see their READMEs); run 17 is next (`CALL=17 END=580`).
 # Usage on the GPU machine, from the repository root, wheels in .whl/ (carry it):
 # `CALL=8 END=580 bash benchmarks/gpu_calls.sh`. END (seconds): when the last stage must be done. The
 # results come back as $OUT/runN.tgz, refreshed every 20 s so that a call cut by its limit still returns what was
@@ -156,6 +156,18 @@ case "$CALL" in
     wait_until 10
     for d in fit12-native fit12-fp32 fit16; do grep -h '"phase": "fit"' "$O/$d/long_fit.jsonl" | cut -c1-200; done
     tail -n 6 "$O"/fit-forecast-*.log
+    ;;
+17) # next: 1.5x unsloth's 16 GB length in native (61,086 under 16 GiB; `fit` puts it near 0.92 of the cap), and
+    # beside it the progressions curves of fp32 and mixed with peft twice (issue 23: is mixed's gap on this task
+    # within peft's own spread on every seed; six processes, curves are not timings)
+    $B "$O" install preset preset-llama
+    (FIT_JOBS=1 FIT_SUFFIX=-native FIT_LENGTHS=61086 FIT_VARIANTS=native+blocks+offload $B "$O" consumer-fit-16) & PS=$!
+    (python3 benchmarks/loss_curves.py --preset mistral-7b --device cuda:0 --task progressions --steps 40 \
+        --seq-len 256 --seeds 1,2,3 --jobs 6 --variants peft,peft#2,ours-fp32,ours-mixed \
+        --out "$O/curves-progressions" > "$O/curves_progressions.log" 2>&1) & PS="$PS $!"
+    wait_until 10
+    grep -h '"phase": "fit"' "$O/fit16-native/long_fit.jsonl" | cut -c1-200
+    grep -h "gap to peft\|peft's curve" "$O/curves_progressions.log"
     ;;
 esac
 kill $M $A
