@@ -98,6 +98,9 @@ def prepared_step(device: str, from_parts: bool, monkeypatch) -> tuple[float, di
     torch.manual_seed(5)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    head = portable_kbit.report(model).fp32_head  # this bf16 model's frozen projections compute in fp32 as lm_head
+    assert head.startswith("15 linear layers (lm_head, ") and ("three bf16 matmuls" in head) == from_parts, head
+    assert ("(off for this comparison)" in head) != from_parts
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}

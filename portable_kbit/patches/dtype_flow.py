@@ -274,6 +274,15 @@ def _composed(outer: ForwardMaker, inner: ForwardMaker) -> ForwardMaker:
     return lambda previous: outer(inner(previous))
 
 
+def fp32_heads(
+    upcast_norms: dict[nn.Module, torch.dtype], consumers: Sequence[nn.Module], activations: str
+) -> list[nn.Module]:
+    """The consumers that compute in fp32 from their frozen half-precision weight (lm_head, in the fp32 flows)."""
+    if activations not in FP32_FLOWS or not upcast_norms:
+        return []
+    return [module for module in consumers if computes_in_fp32(module)]
+
+
 def install(
     upcast_norms: dict[nn.Module, torch.dtype],
     consumers: list[nn.Module],
@@ -321,8 +330,9 @@ def install(
         native = next(iter(upcast_norms.values()))
         for layer in layers:
             patches += [InstanceForward(layer, layer_in_fp32(layer)), Hook(layer, layer_output_to(native), pre=False)]
+    heads = {id(m) for m in fp32_heads(upcast_norms, consumers, activations)}
     for module in consumers:
-        if fp32_inside and computes_in_fp32(module):
+        if id(module) in heads:
             cast_input = activations == "layer"
             patches.append(
                 InstanceForward(module, fp32_linear_forward(module, chunk_bytes, cast_input, bf16_parts_matmuls))

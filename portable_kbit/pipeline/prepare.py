@@ -23,6 +23,7 @@ from ..model.layers import checkpointed_layers, in_every_layer
 from ..model.norms import norm_names
 from ..model.trace import Trace, trace
 from ..patches import adapter_casts, attention, dtype_flow
+from ..patches.fp32_compute import fp32_products
 from ..patches.hub_kernels import follow_kernelization
 from ..patches.protocol import InstanceForward, PatchSet
 from ..patches.tf32 import Tf32Matmuls
@@ -200,7 +201,7 @@ def prepare(
         freeze_base_weights(model, index)
         cast_in_chunks(shares, transaction.journal)
         chunk = smallest_chunk(shares).chunk_bytes
-        guarded = add_dtype_flow(model, index, changes, found, activations, chunk, target, transaction)
+        guarded, fp32_head = add_dtype_flow(model, index, changes, found, activations, chunk, target, transaction)
         attention_choice = switch_attention(model, index, target, activations, upcast, had_fp32_attention, transaction)
         block_calls = add_token_blocks(model, blocks_plan, transaction)
         transaction.patches.apply(adapter_casts.ShareAdapterCasts(index.modules.values()))  # one cast per input
@@ -232,6 +233,7 @@ def prepare(
             offload[1],
             offloaded,
             (tf32_setting is not None, matmuls[1] + (f" ({tf32_setting.describe()})" if tf32_setting else "")),
+            fp32_head,
         )
     remember(model, PrepState(report, transaction.patches, checkpointing))
     return model
@@ -372,9 +374,9 @@ def add_dtype_flow(
     chunk_bytes: int,
     target: Target,
     transaction: Transaction,
-) -> int:
-    """The dtype flow's patches (patches/dtype_flow.py); returns how many consumers got an input cast. lm_head's fp32
-    products run from bf16 matmuls where `target`'s backend says they should."""
+) -> tuple[int, str]:
+    """The dtype flow's patches (patches/dtype_flow.py); returns how many consumers got an input cast, and how the
+    head computes its fp32 products ("" where none does): from bf16 matmuls where `target`'s backend says so."""
     norms = {index.modules[name]: dtype for name, dtype in changes.upcast_norms.items()}
     compute_norms = [index.modules[name] for name in changes.compute_norms]
     skip = adapters.adapter_submodules(index) | {id(m) for m in norms}
@@ -382,6 +384,7 @@ def add_dtype_flow(
     fallbacks = [m for m in index.modules.values() if id(m) not in skip and dtype_flow.may_need_input_cast(m)]
     layers = checkpointed_layers(model) if activations == "layer" else []
     half_modules = frozen_mlps(model, index, found, changes.adapter_spec) if activations == "mixed" else []
+    why_not_parts = target.backend.why_no_fp32_from_bf16(target.device)
     transaction.patches.extend(
         dtype_flow.install(
             norms,
@@ -393,10 +396,22 @@ def add_dtype_flow(
             layers,
             fallbacks,
             half_modules,
-            target.backend.why_no_fp32_from_bf16(target.device) is None,
+            why_not_parts is None,
         )
     )
-    return len(consumers) + len(fallbacks)
+    names = {id(m): name for name, m in index.modules.items()}
+    ways: dict[str, list[str]] = {}
+    for module in dtype_flow.fp32_heads(norms, consumers, activations):
+        ways.setdefault(fp32_products(module, why_not_parts is None, why_not_parts), []).append(names[id(module)])
+    head = "; ".join(f"{_named(found)} {way}" for way, found in ways.items())
+    return len(consumers) + len(fallbacks), head
+
+
+def _named(names: list[str]) -> str:
+    """'lm_head:' or '15 linear layers (lm_head, model.layers.0.mlp.up_proj, ...):' for the report."""
+    if len(names) == 1:
+        return f"{names[0]}:"
+    return f"{len(names)} linear layers ({', '.join(sorted(names, key=len)[:2])}, ...):"
 
 
 def frozen_mlps(

@@ -32,6 +32,7 @@ def build_report(
     offload_reason: str = "",
     offload: CheckpointOffload | None = None,
     tf32: tuple[bool, str] = (False, "tf32=False"),
+    fp32_head: str = "",
 ) -> PrepReport:
     notes = list(changes.notes)
     if move_to is not None:
@@ -81,6 +82,7 @@ def build_report(
         offload=offload,
         tf32=tf32[0],
         tf32_reason=tf32[1],
+        fp32_head=fp32_head,
         **_blocks_report(blocks_plan, block_calls),
         devices=devices,
     )

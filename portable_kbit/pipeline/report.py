@@ -96,6 +96,9 @@ class PrepReport:
     # prepare(tf32=...): whether fp32 matmuls use TF32 (torch's process-wide setting) and what was set
     tf32: bool = False
     tf32_reason: str = "tf32=False"
+    # how the frozen half-precision linear layers that take fp32 (lm_head in a quantized model) compute their fp32
+    # products ("" where none does: no fp32 flow)
+    fp32_head: str = ""
     # token blocks (prepare(token_blocks=...)); defaults: not asked for
     token_blocks: int | None = None  # tokens per block (None: no token blocks)
     token_blocks_source: str | None = None  # "argument", "backend default" or "shrunk by memory pressure"
@@ -182,6 +185,8 @@ class PrepReport:
             lines.append(f"  {self.offload.line()}")
         elif self.gradient_checkpointing and self.offload_reason:
             lines.append(f"  checkpointed layer inputs stay on the device ({self.offload_reason})")
+        if self.fp32_head:
+            lines.append(f"  {self.fp32_head}")
         if self.tf32:
             lines.append(f"  TF32 matmuls: {self.tf32_reason}")
         if self.token_blocks is not None:
