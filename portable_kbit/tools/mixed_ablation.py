@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ def mixed_ablation(part: str | None) -> Iterator[None]:
         return
     if part not in MIXED_ABLATIONS:
         raise ValueError(f"mixed ablation {part!r}: expected one of {MIXED_ABLATIONS}")
+    from ..pipeline import numerics
     from ..pipeline import prepare as pipeline
 
     switch = pipeline.switch_attention
@@ -31,10 +33,15 @@ def mixed_ablation(part: str | None) -> Iterator[None]:
     def fp32_attention(model: Any, index: Any, target: Any, activations: str, *rest: Any) -> Any:
         return switch(model, index, target, "fp32" if activations == "mixed" else activations, *rest)
 
-    name, stub = ("frozen_mlps", no_frozen_mlps) if part == "attention" else ("switch_attention", fp32_attention)
-    original = getattr(pipeline, name)
-    setattr(pipeline, name, stub)
+    # each stub where its caller looks the step up: frozen_mlps in the dtype flow's step, the switch in prepare()
+    module: types.ModuleType
+    if part == "attention":
+        module, name, stub = numerics, "frozen_mlps", no_frozen_mlps
+    else:
+        module, name, stub = pipeline, "switch_attention", fp32_attention
+    original = getattr(module, name)
+    setattr(module, name, stub)
     try:
         yield
     finally:
-        setattr(pipeline, name, original)
+        setattr(module, name, original)
