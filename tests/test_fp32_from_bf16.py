@@ -120,3 +120,19 @@ def test_a_prepared_step_from_bf16_parts_trains_as_with_fp32_matmuls(backend, de
     assert abs(parts_loss - loss) < 1e-5
     for name, grad in grads.items():
         torch.testing.assert_close(parts_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_fp16_head_keeps_the_upcast_blocks_and_the_report_says_why(monkeypatch):
+    """fp16's exponent range is not fp32's, so fp32 values have no exact fp16 parts: an fp16 model computes from
+    upcast blocks even where the backend's bf16 matmuls write fp32, and the report names the weight's dtype."""
+    monkeypatch.setattr(type(backends.resolve("cpu").backend), "why_no_fp32_from_bf16", lambda self, device: None)
+    calls = []
+    real = fp32_compute.matmul_from_bf16_parts
+    monkeypatch.setattr(fp32_compute, "matmul_from_bf16_parts", lambda *a: calls.append(1) or real(*a))
+    model = tiny_llama().to(torch.float16)
+    portable_kbit.prepare(model, target_modules=TARGETS, activations="fp32")
+    head = portable_kbit.report(model).fp32_head
+    assert "fp32 matmuls over upcast blocks of the weight (its weight is torch.float16)" in head, head
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32 and calls == []
