@@ -93,7 +93,7 @@ def prepared_step(device: str, from_parts: bool, monkeypatch) -> tuple[float, di
     calls = []
     real = fp32_compute.matmul_from_bf16_parts
     monkeypatch.setattr(fp32_compute, "matmul_from_bf16_parts", lambda *a: calls.append(1) or real(*a))
-    model = tiny_llama().to(torch.bfloat16).to(device)
+    model = tiny_llama(torch.bfloat16).to(device)
     portable_kbit.prepare(model, target_modules=TARGETS, activations="fp32")
     torch.manual_seed(5)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
@@ -129,7 +129,7 @@ def test_an_fp16_head_keeps_the_upcast_blocks_and_the_report_says_why(monkeypatc
     calls = []
     real = fp32_compute.matmul_from_bf16_parts
     monkeypatch.setattr(fp32_compute, "matmul_from_bf16_parts", lambda *a: calls.append(1) or real(*a))
-    model = tiny_llama().to(torch.float16)
+    model = tiny_llama(torch.float16)
     portable_kbit.prepare(model, target_modules=TARGETS, activations="fp32")
     head = portable_kbit.report(model).fp32_head
     assert "fp32 matmuls over upcast blocks of the weight (its weight is torch.float16)" in head, head

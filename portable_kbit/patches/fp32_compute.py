@@ -90,17 +90,18 @@ def computes_in_fp32(module: nn.Module) -> bool:
     )
 
 
-def from_bf16_parts(weight: torch.Tensor, bf16_parts_matmuls: bool) -> bool:
+def takes_bf16_parts(weight: torch.Tensor, bf16_parts_matmuls: bool) -> bool:
     """Whether FrozenLinearInFp32 multiplies bf16 parts of its input by `weight` (a bf16 weight, where the backend's
     bf16 matmuls write fp32), rather than upcast blocks of it."""
     return bf16_parts_matmuls and weight.dtype == torch.bfloat16
 
 
-def fp32_products(module: nn.Module, bf16_parts_matmuls: bool, why_not: str | None) -> str:
-    """How a head that computes_in_fp32 computes its fp32 products, for the report."""
-    if from_bf16_parts(weight_of(module), bf16_parts_matmuls):
+def fp32_products(module: nn.Module, why_no_bf16_parts: str | None) -> str:
+    """How a head that computes_in_fp32 computes its fp32 products, for the report; `why_no_bf16_parts`: the
+    backend's answer (None: its bf16 matmuls write fp32)."""
+    if takes_bf16_parts(weight_of(module), why_no_bf16_parts is None):
         return "fp32 products from three bf16 matmuls writing fp32 (the input's exact bf16 parts)"
-    reason = why_not or f"its weight is {weight_of(module).dtype}"
+    reason = why_no_bf16_parts or f"its weight is {weight_of(module).dtype}"
     return f"fp32 matmuls over upcast blocks of the weight ({reason})"
 
 
@@ -119,7 +120,7 @@ def fp32_linear_forward(
                 x = x.float()
             if x.dtype == torch.float32 and weight.dtype != torch.float32 and not weight.requires_grad:
                 rows = max(1, chunk_bytes // (4 * weight.shape[1]))
-                from_parts = from_bf16_parts(weight, bf16_parts_matmuls)
+                from_parts = takes_bf16_parts(weight, bf16_parts_matmuls)
                 return FrozenLinearInFp32.apply(x, weight, getattr(module, "bias", None), rows, from_parts)
             if x.is_floating_point() and x.dtype != weight.dtype:  # as InputDtypeGuard: compute in the weight dtype
                 return call_previous(x.to(weight.dtype), *args, **kwargs).to(x.dtype)

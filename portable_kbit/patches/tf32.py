@@ -1,10 +1,11 @@
 """TF32 for fp32 matmuls on CUDA: torch's process-wide precision setting, as a patch that puts back what it found.
 
 prepare(tf32=True) on a GPU with TF32 tensor cores (NVIDIA Ampere or newer): the fp32 matmuls of the flow (the
-adapters', lm_head's fp32 blocks, a base layer that computes in its fp32 input's dtype) run on TF32 tensor
-cores, inputs rounded to a 10-bit mantissa and sums kept in fp32. It is what ``transformers.TrainingArguments(tf32=
-True)`` sets, and, like it, it holds for the whole process, not only this model: the setting is torch's, and torch
-reads it per matmul, also in the backward, which runs outside any scope prepare() could open.
+adapters', lm_head's where it is upcast in blocks rather than computed from bf16 parts, a base layer that computes in
+its fp32 input's dtype) run on TF32 tensor cores, inputs rounded to a 10-bit mantissa and sums kept in fp32. It is what
+``transformers.TrainingArguments(tf32=True)`` sets, and, like it, it holds for the whole process, not only this model:
+the setting is torch's, and torch reads it per matmul, also in the backward, which runs outside any scope prepare()
+could open.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def add_dtype_flow(
     names = {id(m): name for name, m in index.modules.items()}
     ways: dict[str, list[str]] = {}
     for module in dtype_flow.fp32_heads(norms, consumers, activations):
-        ways.setdefault(fp32_products(module, why_not_parts is None, why_not_parts), []).append(names[id(module)])
+        ways.setdefault(fp32_products(module, why_not_parts), []).append(names[id(module)])
     head = "; ".join(f"{_named(layers)} {way}" for way, layers in ways.items())
     return len(consumers) + len(fallbacks), head
 

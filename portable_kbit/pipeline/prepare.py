@@ -147,13 +147,14 @@ def prepare(
             without checkpointing, or with less than 2 GiB available on the host). ``"auto"`` (default): off for now,
             until it is measured to pay (the report says why). ``False``: off. ``report(model).offload`` counts what
             went to the host and the host bytes it holds.
-        tf32: ``True``: the fp32 matmuls of the flow (the adapters', lm_head's fp32 blocks, a base layer that
-            computes in its fp32 input's dtype) run on TF32 tensor cores: inputs rounded to a 10-bit mantissa, sums
-            in fp32; a numerics change, and faster (docs/api.md says what was measured). It sets torch's CUDA fp32
-            matmul precision for the whole process, as ``TrainingArguments(tf32=True)`` does (torch reads it in the
-            backward too, outside any scope prepare() could open); a repeat prepare() without it puts the previous
-            setting back. Refused before any change where the device has no TF32 (before NVIDIA Ampere, ROCm, MPS,
-            the CPU). ``False`` (default): torch's setting is left as it is.
+        tf32: ``True``: the fp32 matmuls of the flow (the adapters', lm_head's where it is upcast in blocks rather than
+            computed from bf16 parts, a base layer that computes in its fp32 input's dtype) run on TF32 tensor cores:
+            inputs rounded to a 10-bit mantissa, sums in fp32; a numerics change, and faster (docs/api.md says what was
+            measured). It sets torch's CUDA fp32 matmul precision for the whole process, as
+            ``TrainingArguments(tf32=True)`` does (torch reads it in the backward too, outside any scope prepare()
+            could open); a repeat prepare() without it puts the previous setting back. Refused before any change where
+            the device has no TF32 (before NVIDIA Ampere, ROCm, MPS, the CPU). ``False`` (default): torch's setting is
+            left as it is.
 
     Raises:
         ValueError: bad arguments, an unavailable device, a model on another device, nothing matched by

@@ -240,12 +240,11 @@ def _hidden_width(model: nn.Module, mlps: dict[str, MlpCandidate]) -> int:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(hidden, int):
         return hidden
-    for candidate in mlps.values():
-        for module in candidate.module.modules():
-            width = getattr(module, "in_features", None)
-            if isinstance(width, int):
-                return width
-        break
+    first = next(iter(mlps.values()), None)
+    for module in first.module.modules() if first is not None else ():
+        width = getattr(module, "in_features", None)
+        if isinstance(width, int):
+            return width
     return 1
 
 
